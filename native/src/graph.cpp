@@ -1,0 +1,130 @@
+#include "graph.h"
+
+#include "kv_cache.h"
+#include "model.h"
+
+#include <cmath>
+
+namespace appliance {
+
+GraphBuilder::GraphBuilder(ggml_context * ctx_, ggml_cgraph * gf_, const Model & m, const KvStorage & kv_,
+                           const UBatchShape & ub_)
+    : model(m), hp(m.hp), ctx(ctx_), gf(gf_), kv(kv_), ub(ub_) {
+    GGML_ASSERT(ub.n_tokens > 0 && ub.n_outputs > 0 && ub.n_outputs <= ub.n_tokens);
+    GGML_ASSERT(ub.n_kv > 0 && ub.n_kv <= kv.n_cells());
+
+    inp_tokens = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, ub.n_tokens);
+    ggml_set_name(inp_tokens, "inp_tokens");
+    ggml_set_input(inp_tokens);
+
+    inp_pos = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, ub.n_tokens);
+    ggml_set_name(inp_pos, "inp_pos");
+    ggml_set_input(inp_pos);
+
+    inp_kv_idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, ub.n_tokens);
+    ggml_set_name(inp_kv_idx, "inp_kv_idx");
+    ggml_set_input(inp_kv_idx);
+
+    inp_mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, ub.n_kv, ub.n_tokens);
+    ggml_set_name(inp_mask, "inp_mask");
+    ggml_set_input(inp_mask);
+
+    if (hp.has_swa()) {
+        inp_mask_swa = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, ub.n_kv, ub.n_tokens);
+        ggml_set_name(inp_mask_swa, "inp_mask_swa");
+        ggml_set_input(inp_mask_swa);
+    }
+    if (ub.n_outputs < ub.n_tokens) {
+        inp_out_ids = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, ub.n_outputs);
+        ggml_set_name(inp_out_ids, "inp_out_ids");
+        ggml_set_input(inp_out_ids);
+    }
+}
+
+ggml_tensor * GraphBuilder::embed_tokens() {
+    ggml_tensor * x = ggml_get_rows(ctx, model.tok_embd, inp_tokens);  // [n_embd, n_tokens]
+    if (hp.embd_scale != 1.0f) {
+        x = ggml_scale(ctx, x, hp.embd_scale);
+    }
+    return x;
+}
+
+ggml_tensor * GraphBuilder::rms_norm(ggml_tensor * x, ggml_tensor * w) {
+    x = ggml_rms_norm(ctx, x, hp.rms_eps);
+    return ggml_mul(ctx, x, w);
+}
+
+ggml_tensor * GraphBuilder::rope(ggml_tensor * x, uint32_t il) {
+    const bool  swa   = hp.is_swa(il);
+    const float base  = swa ? hp.rope_freq_base_swa : hp.rope_freq_base;
+    const float scale = swa ? hp.rope_freq_scale_swa : hp.rope_freq_scale;
+    return ggml_rope_ext(ctx, x, inp_pos, model.rope_freqs, hp.n_rot, hp.rope_mode, hp.n_ctx_orig, base, scale,
+                         /*ext_factor=*/0.0f, /*attn_factor=*/1.0f, /*beta_fast=*/32.0f, /*beta_slow=*/1.0f);
+}
+
+void GraphBuilder::qkv(const LayerWeights & L, ggml_tensor * x, ggml_tensor ** q, ggml_tensor ** k, ggml_tensor ** v) {
+    const int64_t n = ub.n_tokens;
+    ggml_tensor * Q = ggml_mul_mat(ctx, L.wq, x);  // [n_embd_q, n]
+    if (L.bq) Q = ggml_add(ctx, Q, L.bq);
+    ggml_tensor * K = ggml_mul_mat(ctx, L.wk, x);  // [n_embd_k_gqa, n]
+    if (L.bk) K = ggml_add(ctx, K, L.bk);
+    ggml_tensor * V = ggml_mul_mat(ctx, L.wv, x);  // [n_embd_v_gqa, n]
+    if (L.bv) V = ggml_add(ctx, V, L.bv);
+    *q = ggml_reshape_3d(ctx, Q, hp.head_dim_k, hp.n_head, n);     // [head_dim, n_head, n]
+    *k = ggml_reshape_3d(ctx, K, hp.head_dim_k, hp.n_head_kv, n);  // [head_dim, n_head_kv, n]
+    *v = ggml_reshape_3d(ctx, V, hp.head_dim_v, hp.n_head_kv, n);  // [head_dim, n_head_kv, n]
+}
+
+ggml_tensor * GraphBuilder::attention(uint32_t il, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, float kq_scale) {
+    const int64_t n       = ub.n_tokens;
+    const int64_t n_kv    = ub.n_kv;
+    const int64_t d       = hp.head_dim_k;
+    ggml_tensor * k_cache = kv.k(il);  // [n_embd_k_gqa, n_cells]
+    ggml_tensor * v_cache = kv.v(il);  // [n_embd_v_gqa, n_cells]
+
+    // write this batch's K and V into their cells; expanded first so the reads below see them
+    GGML_ASSERT(k->nb[1] == ggml_row_size(k->type, d) && v->nb[1] == ggml_row_size(v->type, d));
+    ggml_tensor * k_rows = ggml_view_2d(ctx, k, hp.n_embd_k_gqa(), n, k->nb[2], 0);  // [n_embd_k_gqa, n]
+    ggml_tensor * v_rows = ggml_view_2d(ctx, v, hp.n_embd_v_gqa(), n, v->nb[2], 0);  // [n_embd_v_gqa, n]
+    ggml_build_forward_expand(gf, ggml_set_rows(ctx, k_cache, k_rows, inp_kv_idx));
+    ggml_build_forward_expand(gf, ggml_set_rows(ctx, v_cache, v_rows, inp_kv_idx));
+
+    // [head_dim, n_head_kv, n_kv] views of the cache, permuted to [head_dim, n_kv, n_head_kv]
+    ggml_tensor * K = ggml_view_3d(ctx, k_cache, d, hp.n_head_kv, n_kv, ggml_row_size(k_cache->type, d),
+                                   ggml_row_size(k_cache->type, hp.n_embd_k_gqa()), 0);
+    ggml_tensor * V = ggml_view_3d(ctx, v_cache, d, hp.n_head_kv, n_kv, ggml_row_size(v_cache->type, d),
+                                   ggml_row_size(v_cache->type, hp.n_embd_v_gqa()), 0);
+    K = ggml_permute(ctx, K, 0, 2, 1, 3);
+    V = ggml_permute(ctx, V, 0, 2, 1, 3);
+    ggml_tensor * Q = ggml_permute(ctx, q, 0, 2, 1, 3);  // [head_dim, n, n_head]
+
+    ggml_tensor * mask = hp.is_swa(il) ? inp_mask_swa : inp_mask;
+    ggml_tensor * out  = ggml_flash_attn_ext(ctx, Q, K, V, mask, kq_scale, 0.0f, 0.0f);  // [head_dim, n_head, n]
+    ggml_prec_set_acc(out, GGML_PREC_F32);
+    out = ggml_reshape_2d(ctx, out, d * hp.n_head, n);  // [n_embd_q, n]
+    return ggml_mul_mat(ctx, model.layers[il].wo, out);  // [n_embd, n]
+}
+
+ggml_tensor * GraphBuilder::ffn(const LayerWeights & L, ggml_tensor * x, FfnAct act) {
+    ggml_tensor * up   = ggml_mul_mat(ctx, L.ffn_up, x);    // [n_ff, n]
+    ggml_tensor * gate = ggml_mul_mat(ctx, L.ffn_gate, x);  // [n_ff, n]
+    ggml_tensor * h    = act == FfnAct::Silu ? ggml_swiglu_split(ctx, gate, up) : ggml_geglu_split(ctx, gate, up);
+    return ggml_mul_mat(ctx, L.ffn_down, h);  // [n_embd, n]
+}
+
+ggml_tensor * GraphBuilder::select_outputs(ggml_tensor * x) {
+    return inp_out_ids ? ggml_get_rows(ctx, x, inp_out_ids) : x;
+}
+
+ggml_tensor * GraphBuilder::lm_head(ggml_tensor * x) {
+    x = rms_norm(x, model.output_norm);
+    ggml_tensor * logits = ggml_mul_mat(ctx, model.output, x);  // [n_vocab, n_outputs]
+    if (hp.final_logit_softcap > 0.0f) {
+        logits = ggml_scale(ctx, logits, 1.0f / hp.final_logit_softcap);
+        logits = ggml_tanh(ctx, logits);
+        logits = ggml_scale(ctx, logits, hp.final_logit_softcap);
+    }
+    return logits;
+}
+
+}  // namespace appliance

@@ -1,0 +1,74 @@
+#include "kv_cache.h"
+
+#include "error.h"
+#include "model.h"
+
+#include <cassert>
+
+namespace appliance {
+
+KvStorage::KvStorage(const Model & m, uint32_t n_cells) : n_cells_(n_cells) {
+    const HParams & hp = m.hp;
+    APPL_REQUIRE(n_cells > 0, InvalidArgument, "KV cache needs at least one cell");
+
+    ggml_init_params params = {ggml_tensor_overhead() * 2 * hp.n_layer, nullptr, /*no_alloc=*/true};
+    ctx_ = ggml_init(params);
+    for (uint32_t il = 0; il < hp.n_layer; ++il) {
+        ggml_tensor * k = ggml_new_tensor_2d(ctx_, GGML_TYPE_F16, hp.n_embd_k_gqa(), n_cells);
+        ggml_tensor * v = ggml_new_tensor_2d(ctx_, GGML_TYPE_F16, hp.n_embd_v_gqa(), n_cells);
+        ggml_format_name(k, "cache_k_l%u", il);
+        ggml_format_name(v, "cache_v_l%u", il);
+        k_.push_back(k);
+        v_.push_back(v);
+    }
+    buf_ = ggml_backend_alloc_ctx_tensors_from_buft(ctx_, ggml_backend_dev_buffer_type(m.device));
+    if (buf_ == nullptr) {
+        ggml_free(ctx_);
+        throw RuntimeFailure("cannot allocate the KV cache (" + std::to_string(n_cells) + " cells)");
+    }
+    // empty cells are masked out, but flash attention still multiplies by their V: keep them finite
+    ggml_backend_buffer_clear(buf_, 0);
+}
+
+KvStorage::~KvStorage() {
+    ggml_backend_buffer_free(buf_);
+    ggml_free(ctx_);
+}
+
+size_t KvStorage::bytes() const { return ggml_backend_buffer_get_size(buf_); }
+
+uint32_t KvCells::used_end() const {
+    for (uint32_t c = size(); c > 0; --c) {
+        if (pos_[c - 1] >= 0) {
+            return c;
+        }
+    }
+    return 0;
+}
+
+uint32_t KvCells::n_used() const {
+    uint32_t n = 0;
+    for (int32_t p : pos_) {
+        n += p >= 0;
+    }
+    return n;
+}
+
+void KvCells::set(uint32_t c, int32_t pos, int32_t seq) {
+    assert(c < size() && pos >= 0 && seq >= 0);
+    pos_[c] = pos;
+    seq_[c] = seq;
+}
+
+void KvCells::free(uint32_t c) {
+    assert(c < size());
+    pos_[c] = -1;
+    seq_[c] = -1;
+}
+
+void KvCells::free_all() {
+    std::fill(pos_.begin(), pos_.end(), -1);
+    std::fill(seq_.begin(), seq_.end(), -1);
+}
+
+}  // namespace appliance

@@ -1,0 +1,98 @@
+// A loaded model: hyper-parameters, weight tensors and the buffers that hold them.
+// Weights stay memory-mapped from the GGUF file where the CPU reads them in place; matrices the CPU
+// backend can repack for faster kernels (ggml's "extra" buffer types) are copied there instead,
+// exactly as llama.cpp places them. On a GPU device all weights are uploaded to device memory.
+#pragma once
+
+#include "gguf_file.h"
+#include "hparams.h"
+
+#include "ggml-backend.h"
+#include "ggml.h"
+
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace appliance {
+
+struct ArchSpec;
+
+struct LayerWeights {
+    ggml_tensor * attn_norm = nullptr;       // [n_embd]
+    ggml_tensor * wq = nullptr;              // [n_embd, n_embd_q]
+    ggml_tensor * wk = nullptr;              // [n_embd, n_embd_k_gqa]
+    ggml_tensor * wv = nullptr;              // [n_embd, n_embd_v_gqa]
+    ggml_tensor * wo = nullptr;              // [n_embd_q, n_embd]
+    ggml_tensor * bq = nullptr;              // [n_embd_q]      (qwen2)
+    ggml_tensor * bk = nullptr;              // [n_embd_k_gqa]  (qwen2)
+    ggml_tensor * bv = nullptr;              // [n_embd_v_gqa]  (qwen2)
+    ggml_tensor * q_norm = nullptr;          // [head_dim]      (qwen3, gemma3)
+    ggml_tensor * k_norm = nullptr;          // [head_dim]      (qwen3, gemma3)
+    ggml_tensor * attn_post_norm = nullptr;  // [n_embd]        (gemma3)
+    ggml_tensor * ffn_norm = nullptr;        // [n_embd]
+    ggml_tensor * ffn_gate = nullptr;        // [n_embd, n_ff]
+    ggml_tensor * ffn_up = nullptr;          // [n_embd, n_ff]
+    ggml_tensor * ffn_down = nullptr;        // [n_ff, n_embd]
+    ggml_tensor * ffn_post_norm = nullptr;   // [n_embd]        (gemma3)
+};
+
+struct ModelParams {
+    bool use_gpu   = true;   // put weights and compute on the first GPU device if ggml has one
+    bool use_repack = true;  // let the CPU backend repack matrices for its fastest kernels
+};
+
+struct Model {
+    HParams          hp;
+    const ArchSpec * spec = nullptr;
+
+    ggml_tensor * tok_embd    = nullptr;  // [n_embd, n_vocab]
+    ggml_tensor * output_norm = nullptr;  // [n_embd]
+    ggml_tensor * output      = nullptr;  // [n_embd, n_vocab] (tok_embd when tied)
+    ggml_tensor * rope_freqs  = nullptr;  // [n_rot/2] optional (llama 3 rope scaling)
+    std::vector<LayerWeights> layers;
+
+    std::unique_ptr<GgufFile>          file;
+    ggml_backend_dev_t                 device = nullptr;  // where the graph runs (GPU or CPU)
+    std::vector<ggml_backend_buffer_t> buffers;
+    size_t                             weight_bytes = 0;
+
+    Model() = default;
+    ~Model();
+    Model(const Model &) = delete;
+    Model & operator=(const Model &) = delete;
+
+    // Throws ModelFormatError for anything wrong with the file.
+    static std::unique_ptr<Model> load(const std::string & path, const ModelParams & params);
+};
+
+// Looks up tensors by name while an architecture declares its weights: checks each one's shape
+// and type, remembers which op reads it (for buffer placement), and at the end refuses files that
+// carry tensors nobody asked for (they would be silently ignored otherwise).
+class TensorLoader {
+public:
+    TensorLoader(const GgufFile & file, ggml_backend_dev_t cpu_dev);
+
+    enum class Use { Elementwise, MatMul, GetRows };
+
+    // nullptr when optional and absent; ModelFormatError on a missing required tensor, a shape or type mismatch
+    ggml_tensor * get(const std::string & name, std::vector<int64_t> shape, Use use, bool required = true);
+    ggml_tensor * get_layer(uint32_t il, const std::string & suffix, std::vector<int64_t> shape, Use use,
+                            bool required = true);
+
+    struct Entry {
+        ggml_tensor * t;
+        bool          matmul;
+        bool          get_rows;
+    };
+    const std::vector<Entry> & entries() const { return entries_; }
+
+    void check_all_used() const;
+
+private:
+    const GgufFile &   file_;
+    ggml_backend_dev_t cpu_dev_;
+    std::vector<Entry> entries_;
+};
+
+}  // namespace appliance

@@ -1,0 +1,47 @@
+// Token sampling: repetition penalty, top-k, top-p, min-p, temperature, seeded draws; greedy at
+// temperature 0. The order follows llama.cpp's default chain (penalties -> top-k -> top-p ->
+// min-p -> temperature -> draw).
+#pragma once
+
+#include <cstdint>
+#include <random>
+#include <vector>
+
+namespace appliance {
+
+struct SamplingParams {
+    float    temperature    = 0.8f;  // <= 0: greedy
+    int32_t  top_k          = 40;    // <= 0: off
+    float    top_p          = 0.95f; // >= 1: off
+    float    min_p          = 0.05f; // <= 0: off
+    float    repeat_penalty = 1.0f;  // 1: off
+    int32_t  repeat_last_n  = 64;    // tokens of history the penalty looks at
+    uint64_t seed           = 0;
+};
+
+class Sampler {
+public:
+    // Throws InvalidArgument for out-of-range parameters.
+    Sampler(const SamplingParams & params, int32_t n_vocab);
+
+    // Picks the next token from logits[n_vocab]; `history` holds the tokens so far (prompt and output).
+    int32_t sample(const float * logits, const std::vector<int32_t> & history);
+
+    const SamplingParams & params() const { return params_; }
+
+private:
+    struct Cand {
+        int32_t id;
+        float   logit;
+    };
+
+    SamplingParams    params_;
+    int32_t           n_vocab_;
+    std::mt19937_64   rng_;
+    std::vector<Cand> cands_;
+};
+
+// index of the largest logit (lowest index on ties)
+int32_t argmax(const float * logits, int32_t n);
+
+}  // namespace appliance

@@ -1,0 +1,104 @@
+"""llama.cpp (through llama-cpp-python) as the correctness reference.
+
+Everything here drives the context directly (llama_decode + llama_get_logits)
+and takes a plain argmax, so no sampler chain, penalties or caching of
+llama-cpp-python can change the reference tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+import numpy.typing as npt
+from llama_cpp import _internals
+
+
+def ref_load(path: str | Path, n_ctx: int = 512, n_threads: int = 2, logits_all: bool = False) -> llama_cpp.Llama:
+    """Load a model the way llama.cpp runs it by default on a CPU (weights repacked for its fastest
+    kernels), quietly, seed 0, with flash attention on as our engine uses it.
+
+    Raises ValueError when llama.cpp refuses the file.
+    """
+    return llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=n_ctx,
+        n_batch=n_ctx,
+        n_ubatch=n_ctx,
+        n_threads=n_threads,
+        n_threads_batch=n_threads,
+        n_gpu_layers=0,
+        flash_attn=True,
+        logits_all=logits_all,
+        seed=0,
+        verbose=False,
+    )
+
+
+def ref_tokenize(llm: llama_cpp.Llama, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
+    return llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
+
+
+def _clear(llm: llama_cpp.Llama) -> None:
+    """Forget every cached token (KV cache and llama-cpp-python's bookkeeping)."""
+    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
+    llm.reset()  # type: ignore[no-untyped-call]
+
+
+def _decode(llm: llama_cpp.Llama, tokens: Sequence[int], n_past: int, all_logits: bool) -> npt.NDArray[np.float32]:
+    """Decode `tokens` at positions n_past...; returns logits [n_out, n_vocab] (n_out = len or 1)."""
+    n_vocab = llm.n_vocab()
+    out: list[npt.NDArray[np.float32]] = []
+    n_batch = llm.n_batch
+    batch = _internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)
+    try:
+        for start in range(0, len(tokens), n_batch):
+            chunk = list(tokens[start : start + n_batch])
+            batch.set_batch(chunk, n_past=n_past + start, logits_all=all_logits)
+            rc = llama_cpp.llama_decode(llm.ctx, batch.batch)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode returned {rc}")
+            n_out = len(chunk) if all_logits else 1
+            ptr = llama_cpp.llama_get_logits(llm.ctx)
+            out.append(np.ctypeslib.as_array(ptr, shape=(n_out, n_vocab)).copy())
+    finally:
+        batch.close()  # type: ignore[no-untyped-call]
+    logits = np.concatenate(out)
+    return logits if all_logits else logits[-1:]
+
+
+def ref_logits(llm: llama_cpp.Llama, tokens: Sequence[int]) -> npt.NDArray[np.float32]:
+    """Logits at every position, [len(tokens), n_vocab], from one fresh batched pass."""
+    _clear(llm)
+    try:
+        return _decode(llm, tokens, 0, all_logits=True)
+    finally:
+        _clear(llm)
+
+
+def ref_greedy(llm: llama_cpp.Llama, prompt_tokens: Sequence[int], n: int) -> list[int]:
+    """Greedy (pure argmax) continuation of `n` tokens from a fresh context.
+
+    The prompt is decoded as one batch, then one token per decode call, which
+    is what an engine serving a single request does.
+    """
+    _clear(llm)
+    try:
+        logits = _decode(llm, prompt_tokens, 0, all_logits=False)
+        out: list[int] = []
+        pos = len(prompt_tokens)
+        for _ in range(n):
+            tok = int(np.argmax(logits[-1]))
+            out.append(tok)
+            if len(out) == n:
+                break
+            logits = _decode(llm, [tok], pos, all_logits=False)
+            pos += 1
+        return out
+    finally:
+        _clear(llm)
+
+
+__all__ = ["ref_greedy", "ref_load", "ref_logits", "ref_tokenize"]

@@ -1,0 +1,108 @@
+"""Engine behaviour: streaming, stop strings, sampling, prefix reuse, chat templates."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from appliance import _native
+from appliance.engine import Engine
+from appliance.sampling import SamplingOptions
+from appliance.textstream import TextStream
+
+GREEDY = SamplingOptions(temperature=0.0, max_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model: Callable[..., Path]) -> Engine:
+    return Engine(tiny_model("gemma3", "Q8_0"), n_ctx=256, n_threads=2)
+
+
+def test_stream_text_equals_detokenized_tokens(engine: Engine) -> None:
+    chunks = list(engine.generate("the quick brown", GREEDY))
+    tokens = [c.token for c in chunks if c.token is not None]
+    assert chunks[-1].finish_reason in ("length", "stop")
+    assert "".join(c.text for c in chunks) == engine.detokenize(tokens)
+
+
+def test_max_tokens_and_length_finish(engine: Engine) -> None:
+    chunks = list(engine.generate("the quick brown", SamplingOptions(temperature=0.0, max_tokens=5)))
+    assert sum(c.token is not None for c in chunks) <= 5
+    if chunks[-1].finish_reason == "length":
+        assert sum(c.token is not None for c in chunks) == 5
+
+
+def test_stop_string_cuts_output(engine: Engine) -> None:
+    full = engine.generate_text("the quick brown", GREEDY)
+    assert len(full) > 6
+    stop = full[3:6]
+    cut = engine.generate_text("the quick brown", SamplingOptions(temperature=0.0, max_tokens=24, stop=(stop,)))
+    assert cut == full[: full.index(stop)]
+
+
+def test_prefix_reuse_gives_same_output(engine: Engine) -> None:
+    a = engine.generate_text("the quick brown fox jumps", GREEDY)
+    engine.generate_text("something else entirely", GREEDY)
+    b = engine.generate_text("the quick brown fox jumps", GREEDY)
+    c = engine.generate_text("the quick brown fox jumps", GREEDY)  # full prefix hit
+    assert a == b == c
+
+
+def test_seeded_sampling_is_reproducible(engine: Engine) -> None:
+    opts = SamplingOptions(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=42, max_tokens=16)
+    assert engine.generate_text("hello", opts) == engine.generate_text("hello", opts)
+    other = SamplingOptions(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=43, max_tokens=16)
+    outs = {engine.generate_text("hello", other), engine.generate_text("hello", opts)}
+    assert len(outs) == 2
+
+
+def test_sampler_top_k_1_is_greedy(tiny_model: Callable[..., Path]) -> None:
+    path = tiny_model("qwen2")
+    model = _native.Model(str(path))
+    ctx = _native.Context(model, n_ctx=64, n_threads=1)
+    ctx.decode(list(_native.Vocab(str(path)).tokenize("the quick brown")))
+    greedy = int(np.argmax(ctx.logits()))
+    for seed in range(5):
+        s = _native.Sampler(model.n_vocab, temperature=1.5, top_k=1, seed=seed)
+        assert s.sample(ctx, []) == greedy
+    assert _native.Sampler(model.n_vocab, temperature=0.0).sample(ctx, []) == greedy
+
+
+def test_repeat_penalty_changes_greedy_choice(tiny_model: Callable[..., Path]) -> None:
+    path = tiny_model("qwen2")
+    model = _native.Model(str(path))
+    ctx = _native.Context(model, n_ctx=64, n_threads=1)
+    ctx.decode(list(_native.Vocab(str(path)).tokenize("the quick brown")))
+    greedy = int(np.argmax(ctx.logits()))
+    s = _native.Sampler(model.n_vocab, temperature=0.0, repeat_penalty=1000.0)
+    assert s.sample(ctx, [greedy]) != greedy
+
+
+def test_chat_template(engine: Engine) -> None:
+    text = engine.apply_chat_template([{"role": "user", "content": "hi there"}])
+    assert "hi there" in text and "<start_of_turn>" in text
+    with pytest.raises(ValueError, match=r"messages\[0\]"):
+        engine.apply_chat_template([{"role": "user"}])
+
+
+def test_textstream_holds_split_utf8_and_stop_prefixes() -> None:
+    s = TextStream(stop=("STOP",))
+    euro = "€".encode()
+    assert s.push(euro[:1]) == ""
+    assert s.push(euro[1:]) == "€"
+    assert s.push(b"abc ST") == "abc "
+    assert s.push(b"OP tail") == ""
+    assert s.stopped
+    t = TextStream()
+    assert t.push(euro[:2]) == "" and t.finish() == "\ufffd"
+
+
+def test_special_tokens_roundtrip(engine: Engine) -> None:
+    toks = engine.tokenize("<start_of_turn>user", parse_special=True)
+    plain = engine.tokenize("<start_of_turn>user", parse_special=False)
+    assert len(toks) < len(plain)
+    assert "<start_of_turn>" in engine.detokenize(toks, special=True)
+    assert "<start_of_turn>" not in engine.detokenize(toks)

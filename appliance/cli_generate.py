@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
             if line.strip() in ("exit", "quit"):
                 return 0
             if line.strip():
-                _answer(engine, line, opts, True, args.stats)
+                _answer(engine, line, opts, args.chat, args.stats)
     except (ValueError, LookupError, OSError, ManifestError) as e:
         print(f"appliance generate: {e}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from greedy import first_divergence, ours_greedy
 from reference import ref_greedy, ref_load, ref_logits
 
 from appliance import _native
@@ -50,14 +51,8 @@ def test_greedy_parity_with_llamacpp(default_model: Path, tmp_path: Path) -> Non
     for prompt in PROMPTS:
         toks = list(vocab.tokenize(prompt))
         want = ref_greedy(llm, toks, N_TOKENS)
-        ctx.truncate(0)
-        ctx.decode(toks)
-        got: list[int] = []
-        while len(got) < N_TOKENS:
-            got.append(int(np.argmax(ctx.logits())))
-            if len(got) < N_TOKENS:
-                ctx.decode([got[-1]])
-        i = next((k for k, (a, b) in enumerate(zip(got, want, strict=True)) if a != b), None)
+        got = ours_greedy(ctx, toks, N_TOKENS)
+        i = first_divergence(got, want)
         if i is None:
             identical += 1
             continue

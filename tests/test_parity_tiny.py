@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import TINY_ARCHS, TINY_WTYPES
+from greedy import first_divergence, ours_greedy
 from reference import ref_greedy, ref_load, ref_logits
 
 from appliance import _native
@@ -21,21 +22,6 @@ from appliance import _native
 TEXT = "the quick brown fox jumps over the lazy dog and then it runs far away into the green forest"
 LOGIT_RTOL = 2e-3
 NEAR_TIE = 1e-3
-
-
-def ours_greedy(ctx: _native.Context, prompt: list[int], n: int) -> list[int]:
-    ctx.truncate(0)
-    ctx.decode(prompt)
-    out: list[int] = []
-    while len(out) < n:
-        out.append(int(np.argmax(ctx.logits())))
-        if len(out) < n:
-            ctx.decode([out[-1]])
-    return out
-
-
-def first_divergence(a: list[int], b: list[int]) -> int | None:
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
 
 
 @pytest.mark.parametrize("wtype", TINY_WTYPES)

@@ -1,6 +1,9 @@
 #include "arch/arch.h"
 
+#include "graph.h"
 #include "model.h"
+
+#include "ggml.h"
 
 namespace appliance {
 
@@ -52,6 +55,43 @@ void load_common_tensors(Model & m, TensorLoader & tl) {
         L.ffn_up    = tl.get_layer(il, "ffn_up.weight", {n_embd, n_ff}, Use::MatMul);
         L.ffn_down  = tl.get_layer(il, "ffn_down.weight", {n_ff, n_embd}, Use::MatMul);
     }
+}
+
+void load_qk_norms(Model & m, TensorLoader & tl) {
+    for (uint32_t il = 0; il < m.hp.n_layer; ++il) {
+        LayerWeights & L = m.layers[il];
+        L.q_norm = tl.get_layer(il, "attn_q_norm.weight", {m.hp.head_dim_k}, TensorLoader::Use::Elementwise);
+        L.k_norm = tl.get_layer(il, "attn_k_norm.weight", {m.hp.head_dim_k}, TensorLoader::Use::Elementwise);
+    }
+}
+
+ggml_tensor * build_prenorm_decoder(GraphBuilder & g) {
+    const HParams & hp = g.hp;
+    ggml_tensor * x = g.embed_tokens();  // [n_embd, n_tokens]
+
+    for (uint32_t il = 0; il < hp.n_layer; ++il) {
+        const LayerWeights & L = g.model.layers[il];
+        ggml_tensor * residual = x;
+
+        ggml_tensor * h = g.rms_norm(x, L.attn_norm);
+        ggml_tensor *q, *k, *v;
+        g.qkv(L, h, &q, &k, &v);  // biases added inside when present
+        if (L.q_norm) q = g.rms_norm(q, L.q_norm);  // per head, over head_dim
+        if (L.k_norm) k = g.rms_norm(k, L.k_norm);
+        q = g.rope(q, il);
+        k = g.rope(k, il);
+        h = g.attention(il, q, k, v, hp.attn_scale);  // [n_embd, n_tokens]
+
+        if (il == hp.n_layer - 1) {  // only the output tokens go on
+            h        = g.select_outputs(h);
+            residual = g.select_outputs(residual);
+        }
+        ggml_tensor * ffn_in = ggml_add(g.ctx, h, residual);
+        h = g.rms_norm(ffn_in, L.ffn_norm);
+        h = g.ffn(L, h, FfnAct::Silu);
+        x = ggml_add(g.ctx, h, ffn_in);
+    }
+    return g.lm_head(x);  // [n_vocab, n_outputs]
 }
 
 }  // namespace appliance

@@ -36,4 +36,12 @@ std::string supported_archs();
 // and per layer the attention norm, q/k/v/o projections, the ffn norm and gate/up/down.
 void load_common_tensors(Model & m, TensorLoader & tl);
 
+// Per-head RMS norm weights on q and k (Qwen3, Gemma 3): blk.N.attn_{q,k}_norm.weight [head_dim].
+void load_qk_norms(Model & m, TensorLoader & tl);
+
+// The forward pass of a pre-norm Llama-style decoder: RMS norm -> attention (q/k biases and per-head
+// q/k norms when the layer has them) -> residual -> RMS norm -> SwiGLU FFN -> residual. Llama, Qwen2
+// and Qwen3 differ only in those optional weights and their RoPE mode.
+ggml_tensor * build_prenorm_decoder(GraphBuilder & g);
+
 }  // namespace appliance

@@ -33,13 +33,12 @@ void load_hparams(HParams & hp, const GgufFile & f) {
 void load_tensors(Model & m, TensorLoader & tl) {
     using Use = TensorLoader::Use;
     load_common_tensors(m, tl);
+    load_qk_norms(m, tl);
     const HParams & hp = m.hp;
     for (uint32_t il = 0; il < hp.n_layer; ++il) {
-        LayerWeights & L   = m.layers[il];
-        L.q_norm         = tl.get_layer(il, "attn_q_norm.weight", {hp.head_dim_k}, Use::Elementwise);
-        L.k_norm         = tl.get_layer(il, "attn_k_norm.weight", {hp.head_dim_k}, Use::Elementwise);
+        LayerWeights & L = m.layers[il];
         L.attn_post_norm = tl.get_layer(il, "post_attention_norm.weight", {hp.n_embd}, Use::Elementwise);
-        L.ffn_post_norm  = tl.get_layer(il, "post_ffw_norm.weight", {hp.n_embd}, Use::Elementwise);
+        L.ffn_post_norm = tl.get_layer(il, "post_ffw_norm.weight", {hp.n_embd}, Use::Elementwise);
     }
 }
 

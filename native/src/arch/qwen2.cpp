@@ -1,6 +1,5 @@
 // Qwen2 / Qwen2.5: Llama layout with biases on q, k and v, and NeoX-style RoPE.
 #include "arch/arch.h"
-#include "graph.h"
 #include "gguf_file.h"
 #include "model.h"
 
@@ -26,35 +25,8 @@ void load_tensors(Model & m, TensorLoader & tl) {
     }
 }
 
-ggml_tensor * build_graph(GraphBuilder & g) {
-    const HParams & hp = g.hp;
-    ggml_tensor * x = g.embed_tokens();  // [n_embd, n_tokens]
-
-    for (uint32_t il = 0; il < hp.n_layer; ++il) {
-        const LayerWeights & L = g.model.layers[il];
-        ggml_tensor * residual = x;
-
-        ggml_tensor * h = g.rms_norm(x, L.attn_norm);
-        ggml_tensor *q, *k, *v;
-        g.qkv(L, h, &q, &k, &v);  // biases added inside
-        q = g.rope(q, il);
-        k = g.rope(k, il);
-        h = g.attention(il, q, k, v, hp.attn_scale);
-
-        if (il == hp.n_layer - 1) {
-            h        = g.select_outputs(h);
-            residual = g.select_outputs(residual);
-        }
-        ggml_tensor * ffn_in = ggml_add(g.ctx, h, residual);
-        h = g.rms_norm(ffn_in, L.ffn_norm);
-        h = g.ffn(L, h, FfnAct::Silu);
-        x = ggml_add(g.ctx, h, ffn_in);
-    }
-    return g.lm_head(x);  // [n_vocab, n_outputs]
-}
-
 }  // namespace
 
-const ArchSpec kArchQwen2 = {"qwen2", load_hparams, load_tensors, build_graph};
+const ArchSpec kArchQwen2 = {"qwen2", load_hparams, load_tensors, build_prenorm_decoder};
 
 }  // namespace appliance

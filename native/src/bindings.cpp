@@ -148,6 +148,18 @@ PYBIND11_MODULE(_native, m) {
         .def_property_readonly("n_outputs", &Context::n_outputs)
         .def_property("n_threads", &Context::n_threads, &Context::set_n_threads)
         .def_property_readonly("kv_bytes", &Context::kv_bytes)
+        .def("timings", [](const Context & c) {
+                 const Timings & t = c.timings();
+                 py::dict d;
+                 d["n_passes"]   = t.n_passes;
+                 d["n_tokens"]   = t.n_tokens;
+                 d["build_us"]   = t.build_us;
+                 d["inputs_us"]  = t.inputs_us;
+                 d["compute_us"] = t.compute_us;
+                 d["output_us"]  = t.output_us;
+                 return d;
+             },
+             "Cumulative time of forward passes by phase, in microseconds.")
         .def_property_readonly("compute_bytes", &Context::compute_bytes);
 
     py::class_<Sampler>(m, "Sampler", "Picks next tokens from a context's logits.")

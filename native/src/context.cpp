@@ -8,6 +8,7 @@
 #include "ggml-cpu.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 
@@ -18,14 +19,10 @@ namespace {
 // attention looks at a multiple of this many cells, so the graph keeps its shape across steps
 constexpr uint32_t kKvPad = 256;
 
-struct GraphCtx {
-    ggml_context * ctx = nullptr;
-    explicit GraphCtx(std::vector<uint8_t> & mem) {
-        ggml_init_params p = {mem.size(), mem.data(), /*no_alloc=*/true};
-        ctx = ggml_init(p);
-    }
-    ~GraphCtx() { ggml_free(ctx); }
-};
+uint64_t now_us() {
+    return static_cast<uint64_t>(
+        std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now().time_since_epoch()).count());
+}
 
 }  // namespace
 
@@ -61,12 +58,8 @@ Context::Context(const Model & model, const ContextParams & params)
 
     // reserve compute memory for the largest ordinary step (a full prompt chunk over the whole
     // cache), so running out of memory shows here rather than mid-request
-    GraphCtx      gctx(graph_mem_);
-    ggml_cgraph * gf = ggml_new_graph_custom(gctx.ctx, max_nodes_, false);
-    UBatchShape   shape{params_.n_ubatch, 1, kv_.n_cells()};
-    GraphBuilder  g(gctx.ctx, gf, model_, kv_, shape);
-    ggml_build_forward_expand(gf, model_.spec->build_graph(g));
-    if (!ggml_backend_sched_reserve(sched_, gf)) {
+    std::unique_ptr<BuiltGraph> worst = build(UBatchShape{params_.n_ubatch, 1, kv_.n_cells()});
+    if (!ggml_backend_sched_reserve(sched_, worst->gf)) {
         ggml_backend_sched_free(sched_);
         ggml_backend_free(backend_cpu_);
         if (backend_dev_) ggml_backend_free(backend_dev_);
@@ -74,7 +67,29 @@ Context::Context(const Model & model, const ContextParams & params)
     }
 }
 
+Context::BuiltGraph::~BuiltGraph() { ggml_free(ctx); }
+
+std::unique_ptr<Context::BuiltGraph> Context::build(const UBatchShape & shape) {
+    graph_.reset();  // shares graph_mem_
+    auto bg = std::make_unique<BuiltGraph>();
+    ggml_init_params p = {graph_mem_.size(), graph_mem_.data(), /*no_alloc=*/true};
+    bg->ctx   = ggml_init(p);
+    bg->gf    = ggml_new_graph_custom(bg->ctx, max_nodes_, false);
+    bg->shape = shape;
+    GraphBuilder g(bg->ctx, bg->gf, model_, kv_, shape);
+    bg->logits = model_.spec->build_graph(g);  // [n_vocab, n_outputs]
+    ggml_build_forward_expand(bg->gf, bg->logits);
+    bg->tokens   = g.inp_tokens;
+    bg->pos      = g.inp_pos;
+    bg->kv_idx   = g.inp_kv_idx;
+    bg->mask     = g.inp_mask;
+    bg->mask_swa = g.inp_mask_swa;
+    bg->out_ids  = g.inp_out_ids;
+    return bg;
+}
+
 Context::~Context() {
+    graph_.reset();
     ggml_backend_sched_free(sched_);
     if (backend_dev_) ggml_backend_free(backend_dev_);
     ggml_backend_free(backend_cpu_);
@@ -159,17 +174,18 @@ void Context::run_ubatch(const int32_t * tokens, uint32_t pos0, uint32_t n, bool
     const uint32_t n_kv = std::min(kv_.n_cells(), std::max(kKvPad, GGML_PAD(cells_.used_end(), kKvPad)));
     const uint32_t n_outputs = all_logits ? n : 1;
 
-    GraphCtx      gctx(graph_mem_);
-    ggml_cgraph * gf = ggml_new_graph_custom(gctx.ctx, max_nodes_, false);
-    UBatchShape   shape{n, n_outputs, n_kv};
-    GraphBuilder  g(gctx.ctx, gf, model_, kv_, shape);
-    ggml_tensor * logits = model_.spec->build_graph(g);  // [n_vocab, n_outputs]
-    ggml_build_forward_expand(gf, logits);
-
-    ggml_backend_sched_reset(sched_);
-    if (!ggml_backend_sched_alloc_graph(sched_, gf)) {
-        throw RuntimeFailure("cannot allocate the compute graph");
+    const uint64_t t0 = now_us();
+    const UBatchShape shape{n, n_outputs, n_kv};
+    if (!graph_ || !(graph_->shape == shape)) {
+        graph_ = build(shape);
+        ggml_backend_sched_reset(sched_);
+        if (!ggml_backend_sched_alloc_graph(sched_, graph_->gf)) {
+            graph_.reset();
+            throw RuntimeFailure("cannot allocate the compute graph");
+        }
     }
+    const BuiltGraph & g = *graph_;
+    const uint64_t t1 = now_us();
 
     // inputs
     std::vector<int32_t> pos(n);
@@ -178,14 +194,14 @@ void Context::run_ubatch(const int32_t * tokens, uint32_t pos0, uint32_t n, bool
         pos[i] = static_cast<int32_t>(pos0 + i);
         idx[i] = pos0 + i;
     }
-    ggml_backend_tensor_set(g.inp_tokens, tokens, 0, n * sizeof(int32_t));
-    ggml_backend_tensor_set(g.inp_pos, pos.data(), 0, n * sizeof(int32_t));
-    ggml_backend_tensor_set(g.inp_kv_idx, idx.data(), 0, n * sizeof(int64_t));
+    ggml_backend_tensor_set(g.tokens, tokens, 0, n * sizeof(int32_t));
+    ggml_backend_tensor_set(g.pos, pos.data(), 0, n * sizeof(int32_t));
+    ggml_backend_tensor_set(g.kv_idx, idx.data(), 0, n * sizeof(int64_t));
 
     const ggml_fp16_t keep = ggml_fp32_to_fp16(0.0f);
     const ggml_fp16_t drop = ggml_fp32_to_fp16(-INFINITY);
     std::vector<ggml_fp16_t> mask(static_cast<size_t>(n_kv) * n);
-    std::vector<ggml_fp16_t> mask_swa(g.inp_mask_swa ? mask.size() : 0);
+    std::vector<ggml_fp16_t> mask_swa(g.mask_swa ? mask.size() : 0);
     for (uint32_t i = 0; i < n; ++i) {
         const int32_t p1 = pos[i];
         for (uint32_t c = 0; c < n_kv; ++c) {
@@ -198,21 +214,31 @@ void Context::run_ubatch(const int32_t * tokens, uint32_t pos0, uint32_t n, bool
             }
         }
     }
-    ggml_backend_tensor_set(g.inp_mask, mask.data(), 0, mask.size() * sizeof(ggml_fp16_t));
-    if (g.inp_mask_swa) {
-        ggml_backend_tensor_set(g.inp_mask_swa, mask_swa.data(), 0, mask_swa.size() * sizeof(ggml_fp16_t));
+    ggml_backend_tensor_set(g.mask, mask.data(), 0, mask.size() * sizeof(ggml_fp16_t));
+    if (g.mask_swa) {
+        ggml_backend_tensor_set(g.mask_swa, mask_swa.data(), 0, mask_swa.size() * sizeof(ggml_fp16_t));
     }
-    if (g.inp_out_ids) {
+    if (g.out_ids) {
         const int32_t last = static_cast<int32_t>(n - 1);
-        ggml_backend_tensor_set(g.inp_out_ids, &last, 0, sizeof(int32_t));
+        ggml_backend_tensor_set(g.out_ids, &last, 0, sizeof(int32_t));
     }
 
-    if (ggml_backend_sched_graph_compute(sched_, gf) != GGML_STATUS_SUCCESS) {
+    const uint64_t t2 = now_us();
+    if (ggml_backend_sched_graph_compute(sched_, g.gf) != GGML_STATUS_SUCCESS) {
+        graph_.reset();
         throw RuntimeFailure("graph compute failed");
     }
+    const uint64_t t3 = now_us();
     if (out != nullptr) {
-        ggml_backend_tensor_get(logits, out, 0, static_cast<size_t>(n_outputs) * hp.n_vocab * sizeof(float));
+        ggml_backend_tensor_get(g.logits, out, 0, static_cast<size_t>(n_outputs) * hp.n_vocab * sizeof(float));
     }
+    const uint64_t t4 = now_us();
+    timings_.n_passes += 1;
+    timings_.n_tokens += n;
+    timings_.build_us += t1 - t0;
+    timings_.inputs_us += t2 - t1;
+    timings_.compute_us += t3 - t2;
+    timings_.output_us += t4 - t3;
 }
 
 }  // namespace appliance

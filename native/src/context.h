@@ -3,9 +3,11 @@
 #pragma once
 
 #include "ggml-backend.h"
+#include "graph.h"
 #include "kv_cache.h"
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 namespace appliance {
@@ -16,6 +18,16 @@ struct ContextParams {
     uint32_t n_ctx     = 4096;  // KV cells = the longest sequence (prompt + generated tokens)
     uint32_t n_ubatch  = 512;   // most tokens per forward pass; longer prompts run in chunks
     int      n_threads = 2;     // CPU threads for the CPU backend
+};
+
+// Where the time of forward passes went, cumulative since the context was made (microseconds).
+struct Timings {
+    uint64_t n_passes   = 0;
+    uint64_t n_tokens   = 0;
+    uint64_t build_us   = 0;  // graph construction and allocation
+    uint64_t inputs_us  = 0;  // masks, positions, indices
+    uint64_t compute_us = 0;  // ggml compute
+    uint64_t output_us  = 0;  // copying logits out
 };
 
 class Context {
@@ -45,9 +57,23 @@ public:
     int    n_threads() const { return params_.n_threads; }
     void   set_n_threads(int n_threads);
     size_t kv_bytes() const { return kv_.bytes(); }
+    const Timings & timings() const { return timings_; }
     size_t compute_bytes() const;
 
 private:
+    // A built and allocated graph with its input tensors. Kept between passes: a pass of the same
+    // shape (every decode step until the attended cells pass the next multiple of 256) reuses it
+    // and only refills the inputs.
+    struct BuiltGraph {
+        ggml_context * ctx = nullptr;
+        ggml_cgraph *  gf  = nullptr;
+        UBatchShape    shape;
+        ggml_tensor *  tokens = nullptr, *pos = nullptr, *kv_idx = nullptr, *mask = nullptr, *mask_swa = nullptr,
+                    *out_ids = nullptr, *logits = nullptr;
+        ~BuiltGraph();
+    };
+    std::unique_ptr<BuiltGraph> build(const UBatchShape & shape);
+
     // one forward pass over tokens[0..n) at positions pos0.., writing output logits into out
     void run_ubatch(const int32_t * tokens, uint32_t pos0, uint32_t n, bool all_logits, float * out);
 
@@ -61,8 +87,10 @@ private:
     ggml_backend_sched_t  sched_       = nullptr;
     size_t                max_nodes_;
     std::vector<uint8_t>  graph_mem_;
+    std::unique_ptr<BuiltGraph> graph_;  // the last allocated graph
     std::vector<float>    logits_;
     uint32_t              n_outputs_ = 0;
+    Timings               timings_;
 };
 
 }  // namespace appliance

@@ -19,6 +19,10 @@ struct UBatchShape {
     uint32_t n_tokens  = 0;
     uint32_t n_outputs = 0;  // tokens whose logits are computed (n_tokens when all are)
     uint32_t n_kv      = 0;  // attention reads cells [0, n_kv)
+
+    bool operator==(const UBatchShape & o) const {
+        return n_tokens == o.n_tokens && n_outputs == o.n_outputs && n_kv == o.n_kv;
+    }
 };
 
 enum class FfnAct { Silu, Gelu };

@@ -65,6 +65,45 @@ class Context:
     @property
     def n_vocab(self) -> int: ...
 
+class BatchEngine:
+    def __init__(
+        self,
+        model: Model,
+        *,
+        kv_cache_mb: int = 256,
+        n_blocks: int = 0,
+        block_size: int = 16,
+        max_batched_tokens: int = 512,
+        max_seqs: int = 16,
+        n_threads: int = 2,
+        eog_tokens: Sequence[int] = ...,
+        model_key: str = "",
+    ) -> None: ...
+    def submit(
+        self,
+        prompt: Sequence[int] | numpy.typing.NDArray[Any],
+        *,
+        max_tokens: int = 256,
+        temperature: float = ...,
+        top_k: int = 40,
+        top_p: float = ...,
+        min_p: float = ...,
+        repeat_penalty: float = 1.0,
+        repeat_last_n: int = 64,
+        seed: int = 0,
+        stop_at_eog: bool = True,
+        tenant: str = "",
+    ) -> int: ...
+    def cancel(self, id: int) -> bool: ...
+    def step(self) -> list[tuple[int, list[int], str, int, int]]: ...
+    def stats(self) -> dict[str, int]: ...
+    def timings(self) -> dict[str, int]: ...
+    def check_invariants(self) -> str: ...
+    @property
+    def idle(self) -> bool: ...
+    @property
+    def max_seq_len(self) -> int: ...
+
 class Sampler:
     def __init__(
         self,

@@ -29,11 +29,15 @@ _FALLBACK_TEMPLATES = {"gemma3": "gemma", "llama": "llama3", "qwen2": "chatml", 
 @dataclass(frozen=True)
 class Chunk:
     """One step of a streamed generation. text may be empty while a UTF-8 character or a possible
-    stop string is held back; finish_reason is set on the last chunk ("stop" or "length")."""
+    stop string is held back; finish_reason is set on the last chunk ("stop", "length", or "oom"
+    when the KV cache cannot hold the sequence). The last chunk also carries the prompt's token
+    count and how many of those the prefix cache served."""
 
     token: int | None
     text: str
     finish_reason: str | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
 
 
 def default_threads() -> int:

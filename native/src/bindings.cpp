@@ -1,6 +1,7 @@
 // Python bindings: argument conversion, boundary checks and GIL release only; the logic lives in
 // the core's classes.
 #include "arch/arch.h"
+#include "batch_engine.h"
 #include "context.h"
 #include "error.h"
 #include "log.h"
@@ -34,6 +35,17 @@ std::vector<int32_t> as_tokens(const py::handle & obj) {
         out[i] = static_cast<int32_t>(p[i]);
     }
     return out;
+}
+
+py::dict timings_dict(const Timings & t) {
+    py::dict d;
+    d["n_passes"]   = t.n_passes;
+    d["n_tokens"]   = t.n_tokens;
+    d["build_us"]   = t.build_us;
+    d["inputs_us"]  = t.inputs_us;
+    d["compute_us"] = t.compute_us;
+    d["output_us"]  = t.output_us;
+    return d;
 }
 
 py::array_t<float> logits_array(const Context & ctx, uint32_t first, uint32_t count) {
@@ -148,19 +160,92 @@ PYBIND11_MODULE(_native, m) {
         .def_property_readonly("n_outputs", &Context::n_outputs)
         .def_property("n_threads", &Context::n_threads, &Context::set_n_threads)
         .def_property_readonly("kv_bytes", &Context::kv_bytes)
-        .def("timings", [](const Context & c) {
-                 const Timings & t = c.timings();
-                 py::dict d;
-                 d["n_passes"]   = t.n_passes;
-                 d["n_tokens"]   = t.n_tokens;
-                 d["build_us"]   = t.build_us;
-                 d["inputs_us"]  = t.inputs_us;
-                 d["compute_us"] = t.compute_us;
-                 d["output_us"]  = t.output_us;
-                 return d;
-             },
+        .def("timings", [](const Context & c) { return timings_dict(c.timings()); },
              "Cumulative time of forward passes by phase, in microseconds.")
         .def_property_readonly("compute_bytes", &Context::compute_bytes);
+
+    py::class_<BatchEngine>(m, "BatchEngine",
+                            "Continuous batching over a paged KV cache with a prefix cache. Not thread-safe: "
+                            "one thread submits, steps and cancels.")
+        .def(py::init([](const Model & model, uint32_t kv_cache_mb, uint32_t n_blocks, uint32_t block_size,
+                         uint32_t max_batched_tokens, uint32_t max_seqs, int n_threads, std::vector<int32_t> eog_tokens,
+                         std::string model_key) {
+                 BatchEngineParams p;
+                 p.kv_cache_mb        = kv_cache_mb;
+                 p.n_blocks           = n_blocks;
+                 p.block_size         = block_size;
+                 p.max_batched_tokens = max_batched_tokens;
+                 p.max_seqs           = max_seqs;
+                 p.n_threads          = n_threads;
+                 p.eog_tokens         = std::move(eog_tokens);
+                 p.model_key          = std::move(model_key);
+                 py::gil_scoped_release release;
+                 return std::make_unique<BatchEngine>(model, p);
+             }),
+             py::arg("model"), py::kw_only(), py::arg("kv_cache_mb") = 256, py::arg("n_blocks") = 0, py::arg("block_size") = 16,
+             py::arg("max_batched_tokens") = 512, py::arg("max_seqs") = 16, py::arg("n_threads") = 2,
+             py::arg("eog_tokens") = std::vector<int32_t>{}, py::arg("model_key") = "", py::keep_alive<1, 2>())
+        .def("submit", [](BatchEngine & e, const py::handle & prompt, uint32_t max_tokens, float temperature, int32_t top_k,
+                          float top_p, float min_p, float repeat_penalty, int32_t repeat_last_n, uint64_t seed,
+                          bool stop_at_eog, std::string tenant) {
+                 Request r;
+                 r.prompt                  = as_tokens(prompt);
+                 r.max_tokens              = max_tokens;
+                 r.sampling.temperature    = temperature;
+                 r.sampling.top_k          = top_k;
+                 r.sampling.top_p          = top_p;
+                 r.sampling.min_p          = min_p;
+                 r.sampling.repeat_penalty = repeat_penalty;
+                 r.sampling.repeat_last_n  = repeat_last_n;
+                 r.sampling.seed           = seed;
+                 r.stop_at_eog             = stop_at_eog;
+                 r.tenant                  = std::move(tenant);
+                 return e.submit(r);
+             },
+             py::arg("prompt"), py::kw_only(), py::arg("max_tokens") = 256, py::arg("temperature") = 0.8f,
+             py::arg("top_k") = 40, py::arg("top_p") = 0.95f, py::arg("min_p") = 0.05f, py::arg("repeat_penalty") = 1.0f,
+             py::arg("repeat_last_n") = 64, py::arg("seed") = 0, py::arg("stop_at_eog") = true, py::arg("tenant") = "",
+             "Queue a request (prompt token ids); returns its id.")
+        .def("cancel", &BatchEngine::cancel, py::arg("id"), "Drop a request now, freeing its KV blocks.")
+        .def("step", [](BatchEngine & e) {
+                 std::vector<Event> events;
+                 {
+                     py::gil_scoped_release release;
+                     events = e.step();
+                 }
+                 py::list out;
+                 for (const Event & ev : events) {
+                     out.append(py::make_tuple(ev.id, ev.tokens, ev.finish_reason, ev.n_prompt, ev.n_prompt_cached));
+                 }
+                 return out;
+             },
+             "Run one scheduling step and batched forward pass: [(id, new_tokens, finish_reason, n_prompt, "
+             "n_prompt_cached)], finish_reason '' while the request runs.")
+        .def_property_readonly("idle", &BatchEngine::idle)
+        .def_property_readonly("max_seq_len", &BatchEngine::max_seq_len)
+        .def("stats", [](const BatchEngine & e) {
+                 const auto s = e.stats();
+                 py::dict d;
+                 d["n_blocks"]             = s.n_blocks;
+                 d["n_free_blocks"]        = s.n_free_blocks;
+                 d["block_size"]           = s.block_size;
+                 d["n_waiting"]            = s.n_waiting;
+                 d["n_running"]            = s.n_running;
+                 d["n_preemptions"]        = s.n_preemptions;
+                 d["prefix_hits"]          = s.prefix_hits;
+                 d["prefix_lookups"]       = s.prefix_lookups;
+                 d["prefix_evictions"]     = s.prefix_evictions;
+                 d["prefix_cached_blocks"] = s.prefix_cached_blocks;
+                 d["n_steps"]              = s.n_steps;
+                 d["n_tokens_run"]         = s.n_tokens_run;
+                 d["kv_bytes"]             = s.kv_bytes;
+                 d["kv_bytes_per_token"]   = s.kv_bytes_per_token;
+                 return d;
+             })
+        .def("timings", [](const BatchEngine & e) { return timings_dict(e.timings()); },
+             "Cumulative time of forward passes by phase, in microseconds.")
+        .def("check_invariants", &BatchEngine::check_invariants,
+             "Block-pool invariants: '' when every block is free or held and ref counts match.");
 
     py::class_<Sampler>(m, "Sampler", "Picks next tokens from a context's logits.")
         .def(py::init([](int32_t n_vocab, float temperature, int32_t top_k, float top_p, float min_p, float repeat_penalty,

@@ -1,0 +1,232 @@
+"""Continuous batching for asyncio callers.
+
+    engine = AsyncEngine(model_path, kv_cache_mb=256, max_seqs=16)
+    async for chunk in engine.generate("Hello", SamplingOptions(temperature=0), tenant="acme"):
+        ...
+    engine.close()
+
+One engine thread owns the native BatchEngine: it takes submissions and cancellations from a
+queue, runs `step()` (schedule -> one batched forward pass -> sample; the GIL is released while it
+computes) and hands each request's new tokens to its caller's event loop. A caller that stops
+iterating (client gone, deadline, stop string) cancels its request, which frees its KV blocks at
+once. Prompt prefixes are reused across requests of the same tenant through the prefix cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import threading
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from appliance import _native
+from appliance.engine import Chunk, ContextOverflowError, default_threads, to_utf8
+from appliance.sampling import SamplingOptions
+from appliance.textstream import TextStream
+
+
+@dataclass(frozen=True)
+class _Event:
+    tokens: list[int]
+    finish_reason: str
+    n_prompt: int
+    n_cached: int
+
+
+@dataclass
+class _Submit:
+    prompt: list[int]
+    options: SamplingOptions
+    tenant: str
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue[_Event | BaseException]
+    reply: Future[int]
+
+
+@dataclass
+class _Cancel:
+    request_id: int
+
+
+class AsyncEngine:
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str],
+        *,
+        kv_cache_mb: int = 256,
+        n_blocks: int = 0,
+        block_size: int = 16,
+        max_batched_tokens: int = 512,
+        max_seqs: int = 16,
+        n_threads: int | None = None,
+        use_gpu: bool = True,
+    ) -> None:
+        n_threads = default_threads() if n_threads is None else n_threads
+        if n_threads <= 0:
+            raise ValueError(f"n_threads must be positive, got {n_threads}")
+        path = os.fspath(model_path)
+        self.model = _native.Model(path, use_gpu=use_gpu)
+        self.vocab = _native.Vocab(path)
+        eog = [t for t in (self.vocab.eos, self.vocab.eot) if t >= 0]
+        eog += [t for t in range(self.vocab.n_tokens) if t not in eog and self.vocab.is_eog(t)]
+        self._native = _native.BatchEngine(
+            self.model,
+            kv_cache_mb=kv_cache_mb,
+            n_blocks=n_blocks,
+            block_size=block_size,
+            max_batched_tokens=max_batched_tokens,
+            max_seqs=max_seqs,
+            n_threads=n_threads,
+            eog_tokens=eog,
+            model_key=path,
+        )
+        self._commands: queue.SimpleQueue[_Submit | _Cancel | _Nothing | None] = queue.SimpleQueue()
+        self._streams: dict[int, _Submit] = {}
+        self._stats: dict[str, int] = dict(self._native.stats())
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="appliance-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def max_seq_len(self) -> int:
+        return int(self._native.max_seq_len)
+
+    def tokenize(self, text: str | bytes, *, add_special: bool = True) -> list[int]:
+        return list(self.vocab.tokenize(to_utf8(text), add_special=add_special))
+
+    def stats(self) -> dict[str, int]:
+        """Block pool, prefix cache and scheduler counters as of the last step."""
+        return dict(self._stats)
+
+    def check_invariants(self) -> str:
+        """Block-pool invariants ('' when they hold); call when the engine is idle."""
+        return str(self._native.check_invariants())
+
+    async def generate(
+        self, prompt: str | bytes | Sequence[int], options: SamplingOptions | None = None, *, tenant: str = ""
+    ) -> AsyncIterator[Chunk]:
+        """Stream the continuation of `prompt`; leaving the loop early cancels the request."""
+        opts = options or SamplingOptions()
+        opts.validate()
+        tokens = self.tokenize(prompt) if isinstance(prompt, str | bytes) else [int(t) for t in prompt]
+        if not tokens:
+            raise ValueError("prompt is empty")
+        if len(tokens) >= self.max_seq_len:
+            raise ContextOverflowError(
+                f"prompt of {len(tokens)} tokens is too long: the longest sequence is {self.max_seq_len} tokens"
+            )
+        if self._closed:
+            raise RuntimeError("engine is closed")
+        loop = asyncio.get_running_loop()
+        sub = _Submit(tokens, opts, tenant, loop, asyncio.Queue(), Future())
+        self._commands.put(sub)
+        request_id = await asyncio.wrap_future(sub.reply)
+        stream = TextStream(opts.stop)
+        finished = False
+        try:
+            while not finished:
+                ev = await sub.events.get()
+                if isinstance(ev, BaseException):
+                    raise ev
+                finished = bool(ev.finish_reason)
+                for i, tok in enumerate(ev.tokens):
+                    text = stream.push(self.vocab.token_to_piece(tok))
+                    if stream.stopped:
+                        yield Chunk(tok, text, "stop", ev.n_prompt, ev.n_cached)
+                        return
+                    if finished and i == len(ev.tokens) - 1:
+                        yield Chunk(tok, text + stream.finish(), ev.finish_reason, ev.n_prompt, ev.n_cached)
+                    else:
+                        yield Chunk(tok, text)
+                if finished and not ev.tokens:
+                    yield Chunk(None, stream.finish(), ev.finish_reason, ev.n_prompt, ev.n_cached)
+        finally:
+            if not finished:
+                self._commands.put(_Cancel(request_id))
+
+    def close(self) -> None:
+        """Stop the engine thread; requests still running end with an error."""
+        if not self._closed:
+            self._closed = True
+            self._commands.put(None)
+            self._thread.join()
+
+    # ---- engine thread -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            try:
+                # block while idle; otherwise only take what is queued before the next step
+                cmd: _Submit | _Cancel | _Nothing | None = self._commands.get(block=self._native.idle)
+            except queue.Empty:
+                cmd = _NOTHING
+            while not isinstance(cmd, _Nothing):
+                if cmd is None:
+                    self._fail_all(RuntimeError("engine closed"))
+                    return
+                self._handle(cmd)
+                try:
+                    cmd = self._commands.get_nowait()
+                except queue.Empty:
+                    cmd = _NOTHING
+                    self._stats = dict(self._native.stats())
+            if not self._native.idle:
+                self._step()
+
+    def _handle(self, cmd: _Submit | _Cancel) -> None:
+        if isinstance(cmd, _Submit):
+            o = cmd.options
+            try:
+                rid = int(
+                    self._native.submit(
+                        cmd.prompt,
+                        max_tokens=o.max_tokens,
+                        temperature=o.temperature,
+                        top_k=o.top_k,
+                        top_p=o.top_p,
+                        min_p=o.min_p,
+                        repeat_penalty=o.repeat_penalty,
+                        repeat_last_n=o.repeat_last_n,
+                        seed=o.seed,
+                        tenant=cmd.tenant,
+                    )
+                )
+            except (ValueError, RuntimeError) as e:
+                cmd.reply.set_exception(e)
+                return
+            self._streams[rid] = cmd
+            cmd.reply.set_result(rid)
+        elif isinstance(cmd, _Cancel):
+            self._native.cancel(cmd.request_id)
+            self._streams.pop(cmd.request_id, None)
+
+    def _step(self) -> None:
+        try:
+            events = self._native.step()
+        except Exception as e:  # a failed pass fails the requests in it, never the thread
+            self._fail_all(e)
+            return
+        self._stats = dict(self._native.stats())
+        for rid, tokens, finish, n_prompt, n_cached in events:
+            sub = self._streams.get(rid)
+            if sub is None:
+                continue
+            if finish:
+                del self._streams[rid]
+            sub.loop.call_soon_threadsafe(sub.events.put_nowait, _Event(list(tokens), finish, n_prompt, n_cached))
+
+    def _fail_all(self, error: BaseException) -> None:
+        for rid, sub in list(self._streams.items()):
+            self._native.cancel(rid)
+            sub.loop.call_soon_threadsafe(sub.events.put_nowait, error)
+        self._streams.clear()
+
+
+class _Nothing:
+    """Sentinel: no command was waiting."""
+
+
+_NOTHING = _Nothing()

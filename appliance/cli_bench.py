@@ -1,10 +1,12 @@
-"""`appliance bench ...`: benchmarks against llama.cpp, measured in the same run."""
+"""`appliance bench ...`: benchmarks of the native engine, each against its reference measured in the
+same run, printed as JSON."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from typing import Any
 
 from appliance.engine import default_threads
 from appliance.manifest import ManifestError
@@ -14,34 +16,90 @@ from appliance.modelref import resolve_model
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("bench", help="benchmark the native engine against llama.cpp")
     bsub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    d = bsub.add_parser(
+
+    d = _add(
+        bsub,
         "decode",
-        help="prefill and decode tokens/s and peak RSS, ours vs llama.cpp",
-        description="Prefill (one 512-token prompt) and decode (128 tokens) speed of our engine and of "
-        "llama.cpp on the same model and thread count, alternating runs in child processes; medians.",
+        "prefill and decode tokens/s and peak RSS, ours vs llama.cpp",
+        "Prefill (one 512-token prompt) and decode (128 tokens) speed of our engine and of llama.cpp on the "
+        "same model and thread count, alternating runs in child processes; medians.",
     )
-    d.add_argument("--model", "-m", default=None, help="manifest name or .gguf path (default: the default model)")
-    d.add_argument("--threads", type=int, default=None, help=f"CPU threads (default {default_threads()})")
     d.add_argument("--reps", type=int, default=3, help="rounds per engine (default 3)")
     d.add_argument("--prompt-tokens", type=int, default=512)
     d.add_argument("--gen-tokens", type=int, default=128)
-    d.add_argument("--json", action="store_true", help="print only the JSON result on stdout")
     d.set_defaults(func=run_decode)
+
+    b = _add(
+        bsub,
+        "batch",
+        "aggregate decode tokens/s at 1-16 concurrent requests, ours vs llama.cpp",
+        "Continuous batching: aggregate decode tokens/s at each concurrency for our engine, llama.cpp's own "
+        "batched decode and llama-cpp-python serving the requests one after another (128-token prompts, "
+        "128 tokens out).",
+    )
+    b.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    b.set_defaults(func=run_batch)
+
+    x = _add(
+        bsub,
+        "prefix",
+        "time to first token with a cached 1,024-token system prompt vs cold",
+        "Prefix cache: TTFT of a request whose system prompt is already cached (same tenant) versus cold.",
+    )
+    x.add_argument("--system-tokens", type=int, default=1024)
+    x.set_defaults(func=run_prefix)
+
+
+def _add(
+    bsub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str, desc: str
+) -> argparse.ArgumentParser:
+    p = bsub.add_parser(name, help=help, description=desc)
+    p.add_argument("--model", "-m", default=None, help="manifest name or .gguf path (default: the default model)")
+    p.add_argument("--threads", type=int, default=None, help=f"CPU threads (default {default_threads()})")
+    p.add_argument("--json", action="store_true", help="print only the JSON result on stdout")
+    return p
+
+
+def _model(args: argparse.Namespace) -> str | None:
+    try:
+        return str(resolve_model(args.model))
+    except (LookupError, OSError, ManifestError) as e:
+        print(f"appliance bench: {e}", file=sys.stderr)
+        return None
+
+
+def _print(res: dict[str, Any], as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(res, indent=2))
+    else:
+        for k, v in res.items():
+            print(f"{k:>28}: {v}")
+    return 0
 
 
 def run_decode(args: argparse.Namespace) -> int:
     from appliance.bench.decode import bench_decode
 
-    try:
-        model = str(resolve_model(args.model))
-    except (LookupError, OSError, ManifestError) as e:
-        print(f"appliance bench: {e}", file=sys.stderr)
+    model = _model(args)
+    if model is None:
         return 2
     threads = args.threads or default_threads()
-    res = bench_decode(model, threads, args.reps, args.prompt_tokens, args.gen_tokens)
-    if args.json:
-        print(json.dumps(res, indent=2))
-    else:
-        for k, v in res.items():
-            print(f"{k:>18}: {v}")
-    return 0
+    return _print(bench_decode(model, threads, args.reps, args.prompt_tokens, args.gen_tokens), args.json)
+
+
+def run_batch(args: argparse.Namespace) -> int:
+    from appliance.bench.batch import bench_batch
+
+    model = _model(args)
+    if model is None:
+        return 2
+    return _print(bench_batch(model, args.threads or default_threads(), tuple(args.concurrency)), args.json)
+
+
+def run_prefix(args: argparse.Namespace) -> int:
+    from appliance.bench.prefix import bench_prefix
+
+    model = _model(args)
+    if model is None:
+        return 2
+    return _print(bench_prefix(model, args.threads or default_threads(), args.system_tokens), args.json)

@@ -59,6 +59,21 @@ def to_utf8(text: str | bytes, what: str = "prompt") -> str:
     return text
 
 
+def render_chat(
+    vocab: _native.Vocab, arch: str, messages: Sequence[Mapping[str, str]], *, add_assistant: bool = True
+) -> str:
+    """Chat messages ({"role", "content"}) through the model's template, or its family's when the
+    GGUF carries none (base models)."""
+    pairs = []
+    for i, m in enumerate(messages):
+        role, content = m.get("role"), m.get("content")
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise ValueError(f"messages[{i}] needs string 'role' and 'content'")
+        pairs.append((role, to_utf8(content, f"messages[{i}].content")))
+    template = vocab.chat_template or _FALLBACK_TEMPLATES.get(arch, "chatml")
+    return str(vocab.apply_chat_template(template, pairs, add_assistant=add_assistant))
+
+
 class Engine:
     def __init__(
         self,
@@ -100,14 +115,7 @@ class Engine:
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, str]], *, add_assistant: bool = True) -> str:
         """Render chat messages ({"role", "content"}) with the model's template (or its family's)."""
-        pairs = []
-        for i, m in enumerate(messages):
-            role, content = m.get("role"), m.get("content")
-            if not isinstance(role, str) or not isinstance(content, str):
-                raise ValueError(f"messages[{i}] needs string 'role' and 'content'")
-            pairs.append((role, to_utf8(content, f"messages[{i}].content")))
-        template = self.vocab.chat_template or _FALLBACK_TEMPLATES.get(self.model.arch, "chatml")
-        return str(self.vocab.apply_chat_template(template, pairs, add_assistant=add_assistant))
+        return render_chat(self.vocab, self.model.arch, messages, add_assistant=add_assistant)
 
     def generate(self, prompt: str | bytes | Sequence[int], options: SamplingOptions | None = None) -> Iterator[Chunk]:
         """Stream the continuation of `prompt` (text, or token ids) one token at a time."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from greedy import first_divergence, ours_greedy
+from greedy import first_divergence
 
 from appliance import _native
 from appliance.async_engine import AsyncEngine

@@ -12,17 +12,12 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any
 
-import numpy as np
-
-
-def _tokens(n_vocab: int, n: int, seed: int) -> list[int]:
-    rng = np.random.default_rng(seed)
-    return [int(t) for t in rng.integers(4, min(n_vocab, 32000), size=n)]
+from appliance.bench.common import random_tokens as _tokens
+from appliance.bench.common import run_child
 
 
 def run_ours(model: str, threads: int, n_prompt: int, n_gen: int) -> dict[str, float]:
@@ -91,10 +86,7 @@ def run_ref(model: str, threads: int, n_prompt: int, n_gen: int) -> dict[str, fl
 
 
 def _child(engine: str, model: str, threads: int, n_prompt: int, n_gen: int) -> dict[str, float]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "appliance.bench.decode",
+    args = [
         "--child",
         engine,
         "--model",
@@ -106,8 +98,7 @@ def _child(engine: str, model: str, threads: int, n_prompt: int, n_gen: int) -> 
         "--gen",
         str(n_gen),
     ]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    result: dict[str, float] = run_child("appliance.bench.decode", args)
     return result
 
 

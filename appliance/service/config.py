@@ -1,0 +1,190 @@
+"""The service's one TOML config, validated with msgspec. Errors name the field path ($.server.tcp_port).
+
+Every field has a default that serves out of the box on the embedded parts, with no cloud (air-gapped):
+
+    [server]
+    unix_socket = "/run/appliance/appliance.sock"   # default: $APPLIANCE_HOME/appliance.sock
+    tcp = "127.0.0.1:50051"                          # default: no TCP listener
+
+    [[tenants]]
+    name = "acme"
+    token_sha256 = "..."        # `appliance serve --hash-token` prints it; the token itself is never stored
+
+    [pricing]                   # the cloud model a request is priced against (counterfactual cost)
+    cloud_model = "reference-cloud"
+    input_per_mtok = 0.50
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from appliance.provision import data_home
+
+
+class ConfigError(ValueError):
+    """The config file is missing, not TOML, or a field is invalid; the message names the field path."""
+
+
+def _check(ok: bool, field: str, why: str) -> None:
+    if not ok:
+        raise ValueError(f"{field}: {why}")  # msgspec appends " - at `$.section`"
+
+
+class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    unix_socket: str = ""  # empty: $APPLIANCE_HOME/appliance.sock
+    socket_mode: int = 0o660  # access to the Unix socket is by file permissions
+    tcp: str = ""  # "host:port" to listen on TCP as well (bearer tokens required); empty: none
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_concurrent: int = 8  # requests generating at once (batched together by the local engine)
+    max_queue: int = 16  # requests waiting for a slot; more get RESOURCE_EXHAUSTED
+    retry_after_ms: int = 1000  # the retry hint sent with RESOURCE_EXHAUSTED
+    drain_timeout_s: float = 10.0  # graceful shutdown: in-flight requests get this long to finish
+    metrics: str = ""  # "127.0.0.1:9464" serves Prometheus metrics over HTTP; empty: off
+
+    def __post_init__(self) -> None:
+        _check(self.max_message_bytes >= 1024, "max_message_bytes", "must be >= 1024")
+        _check(self.max_concurrent >= 1, "max_concurrent", "must be >= 1")
+        _check(self.max_queue >= 0, "max_queue", "must be >= 0")
+        _check(self.retry_after_ms >= 0, "retry_after_ms", "must be >= 0")
+        _check(self.drain_timeout_s >= 0, "drain_timeout_s", "must be >= 0")
+        _check(0 <= self.socket_mode <= 0o777, "socket_mode", "must be a permission mode such as 0o660")
+        for name in ("tcp", "metrics"):
+            value = getattr(self, name)
+            _check(not value or _split_hostport(value) is not None, name, f"{value!r} is not host:port")
+
+    def socket_path(self) -> Path:
+        return Path(self.unix_socket).expanduser() if self.unix_socket else data_home() / "appliance.sock"
+
+
+class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    path: str = ""  # manifest name or .gguf path; empty: the provisioned default model
+    n_ctx: int = 4096
+    threads: int = 0  # 0: every CPU this process may use
+    kv_cache_mb: int = 256  # paged KV cache shared by all running requests (and the prefix cache)
+    context_budget: int = 2048  # most prompt tokens a Chat turn sends; older turns are summarized
+    keep_turns: int = 4  # the last N messages stay verbatim
+    summary_max_tokens: int = 128
+    default_max_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        _check(self.n_ctx >= 64, "n_ctx", "must be >= 64")
+        _check(self.threads >= 0, "threads", "must be >= 0")
+        _check(self.kv_cache_mb >= 1, "kv_cache_mb", "must be >= 1")
+        _check(64 <= self.context_budget <= self.n_ctx, "context_budget", "must be in [64, n_ctx]")
+        _check(self.keep_turns >= 0, "keep_turns", "must be >= 0")
+        _check(self.summary_max_tokens >= 8, "summary_max_tokens", "must be >= 8")
+        _check(self.default_max_tokens >= 1, "default_max_tokens", "must be >= 1")
+
+
+class TenantConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: str
+    token_sha256: str  # hex SHA-256 of the bearer token (tokens are random, >= 128 bits)
+
+    def __post_init__(self) -> None:
+        _check(bool(re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.name)), "name", "must be 1-64 of [A-Za-z0-9_.-]")
+        _check(bool(re.fullmatch(r"[0-9a-f]{64}", self.token_sha256)), "token_sha256", "must be 64 lowercase hex")
+
+
+class PricingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Prices per million tokens. The defaults are placeholders for a mid-size cloud model: set yours."""
+
+    currency: str = "USD"
+    cloud_model: str = "reference-cloud"
+    input_per_mtok: float = 0.50
+    cached_input_per_mtok: float = 0.05
+    output_per_mtok: float = 1.50
+    local_per_mtok: float = 0.0  # what a local token costs (power, hardware); 0 by default
+
+    def __post_init__(self) -> None:
+        for name in ("input_per_mtok", "cached_input_per_mtok", "output_per_mtok", "local_per_mtok"):
+            _check(getattr(self, name) >= 0, name, "must be >= 0")
+
+    def cloud_cost(self, prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> float:
+        fresh = max(0, prompt_tokens - cached_tokens)
+        return (
+            fresh * self.input_per_mtok
+            + cached_tokens * self.cached_input_per_mtok
+            + completion_tokens * self.output_per_mtok
+        ) / 1e6
+
+    def local_cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens + completion_tokens) * self.local_per_mtok / 1e6
+
+
+class StorageConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    dir: str = ""  # ledger.sqlite and history.sqlite; empty: $APPLIANCE_HOME/state
+
+    def path(self) -> Path:
+        return Path(self.dir).expanduser() if self.dir else data_home() / "state"
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    model: ModelConfig = msgspec.field(default_factory=ModelConfig)
+    tenants: list[TenantConfig] = msgspec.field(default_factory=list)
+    pricing: PricingConfig = msgspec.field(default_factory=PricingConfig)
+    storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
+    default_tenant: str = "local"  # the tenant of Unix-socket requests that name none
+
+    def __post_init__(self) -> None:
+        names = [t.name for t in self.tenants]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        _check(not dup, "tenants", f"duplicate tenant name(s) {dup}")
+
+
+def _split_hostport(value: str) -> tuple[str, int] | None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        return None
+    return host.strip("[]"), int(port)
+
+
+def hostport(value: str) -> tuple[str, int]:
+    parsed = _split_hostport(value)
+    if parsed is None:
+        raise ConfigError(f"{value!r} is not host:port")
+    return parsed
+
+
+_AT = re.compile(r"^(?P<field>[A-Za-z_]+): (?P<why>.*?)(?: - at `(?P<path>[^`]*)`)?$", re.S)
+
+
+def _field_path(err: msgspec.ValidationError) -> str:
+    """Rewrite "port: must be ... - at `$.server`" as "$.server.port: must be ..."."""
+    msg = str(err)
+    m = _AT.match(msg)
+    if m:
+        return f"{m['path'] or '$'}.{m['field']}: {m['why']}"
+    why, sep, path = msg.rpartition(" - at ")
+    return f"{path.strip('`')}: {why}" if sep else msg
+
+
+def parse_config(text: str | bytes, source: str = "<config>") -> Config:
+    try:
+        return msgspec.toml.decode(text, type=Config)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"{source}: {_field_path(e)}") from None
+    except msgspec.DecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from None
+
+
+def load_config(path: str | Path | None) -> Config:
+    """The config at `path`; None gives the defaults."""
+    if path is None:
+        return Config()
+    p = Path(path).expanduser()
+    try:
+        text = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {p}: {e.strerror}") from None
+    return parse_config(text, str(p))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    result: dict[str, Any] = msgspec.to_builtins(cfg)
+    return result

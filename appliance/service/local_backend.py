@@ -1,0 +1,50 @@
+"""The local model as an asyncio backend, on the continuous-batching AsyncEngine.
+
+The pipeline sees `LocalBackend.generate(tokens, options, tenant=...) -> AsyncIterator[Chunk]`,
+`tokenize`, `count_tokens` and `render_chat`. Requests run concurrently in one batched forward pass
+per step; a consumer that stops iterating (client cancel, deadline) cancels its request in the
+engine, which frees its KV blocks at once. The prompt-cache hit of each request comes back on its
+last chunk (`cached_tokens`), from the tenant-salted prefix cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
+
+from appliance.async_engine import AsyncEngine
+from appliance.engine import Chunk
+from appliance.sampling import SamplingOptions
+
+
+class LocalBackend:
+    def __init__(self, engine: AsyncEngine, name: str, n_ctx: int) -> None:
+        self.engine = engine
+        self.name = name
+        self.n_ctx = min(n_ctx, engine.max_seq_len)
+
+    @classmethod
+    def load(
+        cls, model_path: Path, n_ctx: int, threads: int, max_seqs: int = 16, kv_cache_mb: int = 256
+    ) -> LocalBackend:
+        engine = AsyncEngine(model_path, n_threads=threads or None, max_seqs=max_seqs, kv_cache_mb=kv_cache_mb)
+        return cls(engine, model_path.stem, n_ctx)
+
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        return self.engine.tokenize_special(text, add_special=add_special)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.engine.tokenize(text, add_special=False))
+
+    def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
+        return self.engine.apply_chat_template(messages)
+
+    async def generate(
+        self, tokens: Sequence[int], options: SamplingOptions, *, tenant: str = ""
+    ) -> AsyncIterator[Chunk]:
+        """Stream the continuation of `tokens`. Raises ValueError (overflow, bad options) up front."""
+        async for chunk in self.engine.generate(list(tokens), options, tenant=tenant):
+            yield chunk
+
+    def close(self) -> None:
+        self.engine.close()

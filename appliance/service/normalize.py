@@ -1,0 +1,94 @@
+"""Normalize stage: a protobuf GenerateRequest becomes a validated `Request`; an error names the field."""
+
+from __future__ import annotations
+
+import math
+import re
+import uuid
+from typing import Any
+
+from appliance.engine import to_utf8
+from appliance.sampling import SamplingOptions
+from appliance.service.errors import InvalidArgument
+from appliance.service.types import ROLES, CachePolicy, ChatMessage, Passage, Request, RoutePolicy
+
+_CACHE: dict[int, CachePolicy] = {0: "auto", 1: "skip", 2: "read_only"}
+_ROUTE: dict[int, RoutePolicy] = {0: "auto", 1: "local_only", 2: "cloud_only"}
+_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+MAX_STOP = 16
+
+
+def _text(value: str, field: str) -> str:
+    try:
+        return to_utf8(value, field)
+    except ValueError as e:
+        raise InvalidArgument(field, str(e)) from None
+
+
+def _sampling(msg: Any, default_max_tokens: int) -> SamplingOptions:
+    base = SamplingOptions(max_tokens=default_max_tokens)
+    values: dict[str, Any] = {}
+    for name in ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed"):
+        if msg.HasField(name):
+            value = getattr(msg, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise InvalidArgument(f"sampling.{name}", "must be a finite number")
+            values[name] = value
+    if len(msg.stop) > MAX_STOP:
+        raise InvalidArgument("sampling.stop", f"at most {MAX_STOP} stop strings")
+    values["stop"] = tuple(_text(s, f"sampling.stop[{i}]") for i, s in enumerate(msg.stop))
+    opts = SamplingOptions(**{**{f: getattr(base, f) for f in base.__struct_fields__}, **values})
+    try:
+        opts.validate()
+    except ValueError as e:
+        name = str(e).split()[2].split("=")[0]  # "sampling option NAME=VALUE why"
+        raise InvalidArgument(f"sampling.{name}", str(e)) from None
+    return opts
+
+
+def normalize(msg: Any, tenant: str, *, chat: bool, default_max_tokens: int) -> Request:
+    request_id = msg.request_id or uuid.uuid4().hex
+    if not _ID.fullmatch(request_id):
+        raise InvalidArgument("request_id", "must be 1-128 characters of [A-Za-z0-9_.:-]")
+    prompt = _text(msg.prompt, "prompt")
+    messages = []
+    for i, m in enumerate(msg.messages):
+        if m.role not in ROLES:
+            raise InvalidArgument(f"messages[{i}].role", f"must be one of {', '.join(ROLES)}, got {m.role!r}")
+        messages.append(ChatMessage(m.role, _text(m.content, f"messages[{i}].content")))
+    if chat:
+        if not msg.session_id:
+            raise InvalidArgument("session_id", "Chat needs a session_id")
+        if not _ID.fullmatch(msg.session_id):
+            raise InvalidArgument("session_id", "must be 1-128 characters of [A-Za-z0-9_.:-]")
+        if prompt:
+            raise InvalidArgument("prompt", "Chat takes messages, not a prompt")
+        if not any(m.role == "user" for m in messages):
+            raise InvalidArgument("messages", "Chat needs at least one user message")
+    elif bool(prompt) == bool(messages):
+        raise InvalidArgument("prompt", "give either a prompt or messages (exactly one)")
+    passages = []
+    for i, c in enumerate(msg.context):
+        if not math.isfinite(c.score):
+            raise InvalidArgument(f"context[{i}].score", "must be a finite number")
+        passages.append(Passage(_text(c.text, f"context[{i}].text"), c.score))
+    if msg.cache_policy not in _CACHE:
+        raise InvalidArgument("cache_policy", f"unknown value {msg.cache_policy}")
+    if msg.route_policy not in _ROUTE:
+        raise InvalidArgument("route_policy", f"unknown value {msg.route_policy}")
+    max_cost = msg.max_cost if msg.HasField("max_cost") else None
+    if max_cost is not None and not (math.isfinite(max_cost) and max_cost >= 0):
+        raise InvalidArgument("max_cost", "must be a finite number >= 0")
+    return Request(
+        request_id=request_id,
+        tenant=tenant,
+        prompt=prompt,
+        messages=tuple(messages),
+        session_id=msg.session_id,
+        chat=chat,
+        sampling=_sampling(msg.sampling, default_max_tokens),
+        cache_policy=_CACHE[msg.cache_policy],
+        route_policy=_ROUTE[msg.route_policy],
+        max_cost=max_cost,
+        context=tuple(passages),
+    )

@@ -1,0 +1,325 @@
+"""The gRPC server (grpc.aio): the Appliance service, grpc.health.v1 and server reflection, on a Unix
+socket and optionally TCP. Health is NOT_SERVING while the model loads and while draining."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from appliance.pipeline import Pipeline
+from appliance.service.admission import Admission
+from appliance.service.auth import Authenticator
+from appliance.service.config import Config, hostport
+from appliance.service.errors import Overloaded, RequestError, Unavailable
+from appliance.service.history import HistoryStore
+from appliance.service.ledger import Ledger, sum_totals
+from appliance.service.local_backend import LocalBackend
+from appliance.service.metrics import Metrics
+from appliance.service.proto import SERVICE, pb2
+from appliance.service.types import Delta, Result
+
+log = logging.getLogger("appliance.server")
+_ROUTE_ENUM = {"cache": 1, "local": 2, "cloud": 3}
+
+
+def result_to_proto(r: Result) -> Any:
+    u = r.usage
+    pb = pb2()
+    return pb.GenerateResponse(
+        request_id=r.request_id,
+        text=r.text,
+        route=_ROUTE_ENUM[r.route],
+        model=r.model,
+        finish_reason=r.finish_reason,
+        session_id=r.session_id,
+        usage=pb.Usage(
+            prompt_tokens=u.prompt_tokens,
+            cached_tokens=u.cached_tokens,
+            completion_tokens=u.completion_tokens,
+            cost=u.cost,
+            counterfactual_cost=u.counterfactual_cost,
+            summary_saved_tokens=u.summary_saved_tokens,
+            early_exit_tokens=u.early_exit_tokens,
+            latency_ms=u.latency_ms,
+            first_token_ms=u.first_token_ms,
+        ),
+    )
+
+
+def _unix_socket_in_use(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+        return True
+
+
+class ApplianceServer:
+    def __init__(self, cfg: Config, load_backend: Callable[[], LocalBackend]) -> None:
+        self.cfg = cfg
+        self._load_backend = load_backend
+        self.auth = Authenticator(cfg.tenants, cfg.default_tenant)
+        self.admission = Admission(cfg.server.max_concurrent, cfg.server.max_queue, cfg.server.retry_after_ms)
+        self.metrics = Metrics()
+        self.pipeline: Pipeline | None = None
+        self.ledger: Ledger | None = None
+        self.history: HistoryStore | None = None
+        self.health = health.aio.HealthServicer()
+        self.tcp_port: int | None = None
+        self.socket_path = cfg.server.socket_path()
+        self._server: grpc.aio.Server | None = None
+        self._metrics_server: asyncio.Server | None = None
+        self._load_error: BaseException | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        s = self.cfg.server
+        limits = [
+            ("grpc.max_receive_message_length", s.max_message_bytes),
+            ("grpc.max_send_message_length", s.max_message_bytes),
+        ]
+        server = grpc.aio.server(options=limits)
+        server.add_generic_rpc_handlers((self._handlers(),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
+        await self._set_health(serving=False)
+        path = self.socket_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            if _unix_socket_in_use(path):
+                raise OSError(f"another server is listening on {path}")
+            path.unlink()
+        server.add_insecure_port(f"unix:{path}")
+        if s.tcp:
+            host, port = hostport(s.tcp)
+            self.tcp_port = server.add_insecure_port(f"{host}:{port}")
+            if self.tcp_port == 0:
+                raise OSError(f"cannot listen on TCP {s.tcp}")
+        await server.start()
+        os.chmod(path, s.socket_mode)
+        self._server = server
+        if s.metrics:
+            self._metrics_server = await self.metrics.serve(*hostport(s.metrics), self._gauges)
+        asyncio.get_running_loop().create_task(self._load())
+
+    async def _load(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            state = self.cfg.storage.path()
+            self.ledger = Ledger(state / "ledger.sqlite", self.cfg.pricing.cloud_model)
+            self.history = HistoryStore(state / "history.sqlite")
+            backend = await asyncio.to_thread(self._load_backend)
+        except Exception as e:  # reported by every request and by health staying NOT_SERVING
+            log.error("loading failed: %s", e)
+            self._load_error = e
+            return
+        self.pipeline = Pipeline(
+            backend=backend,
+            admission=self.admission,
+            ledger=self.ledger,
+            history=self.history,
+            model=self.cfg.model,
+            pricing=self.cfg.pricing,
+        )
+        log.info("model %s loaded in %.1f s; serving", backend.name, time.perf_counter() - t0)
+        if not self.admission.closed:
+            await self._set_health(serving=True)
+
+    async def _set_health(self, *, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE):
+            await self.health.set(name, status)
+
+    async def stop(self, drain_timeout: float | None = None) -> None:
+        """Graceful: NOT_SERVING, refuse new requests, let in-flight ones finish within the timeout,
+        then cancel what is left and close the databases."""
+        timeout = self.cfg.server.drain_timeout_s if drain_timeout is None else drain_timeout
+        self.admission.close()
+        await self._set_health(serving=False)
+        try:
+            await asyncio.wait_for(self.admission.wait_idle(), timeout)
+        except TimeoutError:
+            log.warning("drain timeout: cancelling %d in-flight request(s)", self.admission.running)
+        if self._server is not None:
+            await self._server.stop(grace=0.5)
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+        for db in (self.ledger, self.history):
+            if db is not None:
+                db.close()
+        if self.pipeline is not None:
+            self.pipeline.backend.close()
+        if self.socket_path.exists():
+            self.socket_path.unlink()
+
+    async def wait(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    def _gauges(self) -> dict[str, float]:
+        return {
+            "appliance_requests_running": self.admission.running,
+            "appliance_requests_queued": self.admission.waiting,
+            "appliance_ready": 1.0 if self.pipeline is not None and not self.admission.closed else 0.0,
+        }
+
+    # ------------------------------------------------------------------ RPCs
+
+    def _handlers(self) -> grpc.GenericRpcHandler:
+        pb = pb2()
+        req = pb.GenerateRequest.FromString
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "Generate": grpc.unary_unary_rpc_method_handler(
+                    self.generate, request_deserializer=req, response_serializer=pb.GenerateResponse.SerializeToString
+                ),
+                "GenerateStream": grpc.unary_stream_rpc_method_handler(
+                    self.generate_stream,
+                    request_deserializer=req,
+                    response_serializer=pb.GenerateChunk.SerializeToString,
+                ),
+                "Chat": grpc.unary_stream_rpc_method_handler(
+                    self.chat, request_deserializer=req, response_serializer=pb.GenerateChunk.SerializeToString
+                ),
+                "Embed": grpc.unary_unary_rpc_method_handler(
+                    self.embed,
+                    request_deserializer=pb.EmbedRequest.FromString,
+                    response_serializer=pb.EmbedResponse.SerializeToString,
+                ),
+                "GetUsage": grpc.unary_unary_rpc_method_handler(
+                    self.get_usage,
+                    request_deserializer=pb.UsageRequest.FromString,
+                    response_serializer=pb.UsageResponse.SerializeToString,
+                ),
+            },
+        )
+
+    def _ready(self) -> Pipeline:
+        if self.admission.closed:
+            raise Unavailable("the server is shutting down")
+        if self._load_error is not None:
+            raise Unavailable(f"the model failed to load: {self._load_error}")
+        if self.pipeline is None:
+            raise Unavailable("the model is loading; retry shortly (health says SERVING when ready)")
+        return self.pipeline
+
+    async def _abort(self, context: grpc.aio.ServicerContext[Any, Any], e: RequestError, method: str) -> None:
+        self.metrics.count_error(method, e.code)
+        trailing: tuple[tuple[str, str], ...] = ()
+        if isinstance(e, Overloaded):
+            trailing = (("retry-after-ms", str(e.retry_after_ms)),)
+        await context.abort(grpc.StatusCode[e.code], str(e), trailing_metadata=trailing)
+
+    async def _events(
+        self, request: Any, context: grpc.aio.ServicerContext[Any, Any], *, chat: bool, method: str
+    ) -> AsyncIterator[Delta | Result]:
+        try:
+            tenant = self.auth.tenant_for(context.peer(), context.invocation_metadata() or (), request.tenant)
+            pipeline = self._ready()
+            async for event in pipeline.run(request, tenant, chat=chat):
+                if isinstance(event, Result):
+                    self.metrics.observe(method, event)
+                yield event
+        except RequestError as e:
+            await self._abort(context, e, method)
+        except ValueError as e:  # the engine refused the input
+            self.metrics.count_error(method, "INVALID_ARGUMENT")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+    async def generate(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async for event in self._events(request, context, chat=False, method="Generate"):
+            if isinstance(event, Result):
+                return result_to_proto(event)
+        raise RuntimeError("the pipeline ended without a result")
+
+    async def generate_stream(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        async for chunk in self._stream(request, context, chat=False, method="GenerateStream"):
+            yield chunk
+
+    async def chat(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        async for chunk in self._stream(request, context, chat=True, method="Chat"):
+            yield chunk
+
+    async def _stream(
+        self, request: Any, context: grpc.aio.ServicerContext[Any, Any], *, chat: bool, method: str
+    ) -> AsyncIterator[Any]:
+        pb = pb2()
+        async for event in self._events(request, context, chat=chat, method=method):
+            if isinstance(event, Delta):
+                yield pb.GenerateChunk(request_id=event.request_id, delta=event.text)
+            else:
+                yield pb.GenerateChunk(request_id=event.request_id, done=True, final=result_to_proto(event))
+
+    async def embed(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            self.auth.tenant_for(context.peer(), context.invocation_metadata() or (), request.tenant)
+        except RequestError as e:
+            await self._abort(context, e, "Embed")
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "Embed: no embedding model is wired into the service yet (it lands with the semantic cache)",
+        )
+
+    async def get_usage(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        pb = pb2()
+        try:
+            tenant = self.auth.tenant_for(context.peer(), context.invocation_metadata() or (), request.tenant)
+            self._ready()
+            assert self.ledger is not None
+            parts = await asyncio.to_thread(
+                self.ledger.totals, tenant, float(request.since_unix), float(request.until_unix)
+            )
+        except RequestError as e:
+            await self._abort(context, e, "GetUsage")
+        return pb.UsageResponse(
+            tenant=tenant,
+            by_route=[_totals_proto(p) for p in parts],
+            total=_totals_proto(sum_totals(parts)),
+            currency=self.cfg.pricing.currency,
+            cloud_model=self.cfg.pricing.cloud_model,
+        )
+
+
+def _totals_proto(t: Any) -> Any:
+    return pb2().UsageTotals(
+        route=t.route,
+        requests=t.requests,
+        prompt_tokens=t.prompt_tokens,
+        cached_tokens=t.cached_tokens,
+        completion_tokens=t.completion_tokens,
+        cost=t.cost,
+        counterfactual_cost=t.counterfactual_cost,
+        summary_saved_tokens=t.summary_saved_tokens,
+    )
+
+
+async def serve(
+    cfg: Config, load_backend: Callable[[], LocalBackend], ready: Callable[[ApplianceServer], None]
+) -> None:
+    """Run until SIGTERM/SIGINT, then drain."""
+    import signal
+
+    server = ApplianceServer(cfg, load_backend)
+    await server.start()
+    ready(server)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining (up to %.0f s)", cfg.server.drain_timeout_s)
+    await server.stop()

@@ -1,0 +1,69 @@
+"""The pipeline's own request and result types (the server converts protobuf messages to these)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from appliance.sampling import SamplingOptions
+
+CachePolicy = Literal["auto", "skip", "read_only"]
+RoutePolicy = Literal["auto", "local_only", "cloud_only"]
+RouteTaken = Literal["cache", "local", "cloud"]
+ROLES = ("system", "user", "assistant")
+
+
+class ChatMessage(msgspec.Struct, frozen=True):
+    role: str
+    content: str
+
+
+class Passage(msgspec.Struct, frozen=True):
+    """A context item given with a request; kept by score within the budget."""
+
+    text: str
+    score: float
+
+
+class Request(msgspec.Struct, frozen=True, kw_only=True):
+    request_id: str
+    tenant: str
+    prompt: str = ""  # a raw completion prompt, or
+    messages: tuple[ChatMessage, ...] = ()  # chat messages (for Chat: this turn's new messages)
+    session_id: str = ""  # Chat: the conversation to continue
+    chat: bool = False  # a session-aware Chat request
+    sampling: SamplingOptions = SamplingOptions()
+    cache_policy: CachePolicy = "auto"
+    route_policy: RoutePolicy = "auto"
+    max_cost: float | None = None
+    context: tuple[Passage, ...] = ()
+
+
+class Usage(msgspec.Struct, kw_only=True):
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0
+    counterfactual_cost: float = 0.0
+    summary_saved_tokens: int = 0
+    early_exit_tokens: int = 0
+    latency_ms: float = 0.0
+    first_token_ms: float = 0.0
+
+
+class Result(msgspec.Struct, kw_only=True):
+    request_id: str
+    text: str
+    route: RouteTaken
+    model: str
+    finish_reason: str
+    usage: Usage
+    session_id: str = ""
+
+
+class Delta(msgspec.Struct, frozen=True):
+    """A piece of streamed text."""
+
+    request_id: str
+    text: str

@@ -1,0 +1,169 @@
+"""In-process tests of the service's small stages: config, auth, admission, context budget, ledger."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from appliance.service.admission import Admission
+from appliance.service.auth import Authenticator, hash_token
+from appliance.service.config import Config, ConfigError, TenantConfig, load_config, parse_config
+from appliance.service.context import ContextBuilder, select_passages
+from appliance.service.errors import InvalidArgument, Overloaded, PermissionDenied, Unauthenticated, Unavailable
+from appliance.service.history import HistoryStore, Session, StoredMessage
+from appliance.service.ledger import Ledger, sum_totals
+from appliance.service.types import ChatMessage, Passage, Result, RouteTaken, Usage
+
+
+def test_defaults_serve_air_gapped() -> None:
+    cfg = load_config(None)
+    assert cfg == parse_config("")
+    assert cfg.server.tcp == "" and cfg.tenants == [] and cfg.model.path == ""
+    assert cfg.server.socket_path().name == "appliance.sock"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[server]\nmax_queue = -1", "$.server.max_queue: must be >= 0"),
+        ('[server]\ntcp = "nope"', "$.server.tcp: 'nope' is not host:port"),
+        ('[model]\nn_ctx = "big"', "$.model.n_ctx: Expected `int`, got `str`"),
+        ("[model]\nn_ctx = 512\ncontext_budget = 1024", "$.model.context_budget: must be in [64, n_ctx]"),
+        ('[[tenants]]\nname = "a b"\ntoken_sha256 = "00"', "$.tenants[0].name: must be 1-64"),
+        ("[pricing]\ninput_per_mtok = -1.0", "$.pricing.input_per_mtok: must be >= 0"),
+        ("[pricing]\ncolour = 1", "$.pricing: Object contains unknown field `colour`"),
+        ("[server\n", "not valid TOML"),
+    ],
+)
+def test_config_errors_name_the_field_path(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config(text)
+    assert message in str(e.value)
+
+
+def test_duplicate_tenants_and_missing_file(tmp_path: Path) -> None:
+    t = f'[[tenants]]\nname = "a"\ntoken_sha256 = "{"0" * 64}"\n'
+    with pytest.raises(ConfigError, match=r"\$\.tenants: duplicate"):
+        parse_config(t + t)
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_auth_by_transport() -> None:
+    auth = Authenticator([TenantConfig(name="acme", token_sha256=hash_token("s3cret"))], "local")
+    assert auth.tenant_for("unix:/x.sock", [], "") == "local"
+    assert auth.tenant_for("unix:", [], "team") == "team"
+    assert auth.tenant_for("ipv4:127.0.0.1:5", [("authorization", "Bearer s3cret")], "") == "acme"
+    with pytest.raises(Unauthenticated):
+        auth.tenant_for("ipv4:127.0.0.1:5", [], "")
+    with pytest.raises(Unauthenticated):
+        auth.tenant_for("ipv6:[::1]:5", [("authorization", "Bearer s3cret2")], "")
+    with pytest.raises(PermissionDenied):
+        auth.tenant_for("ipv4:127.0.0.1:5", [("authorization", "Bearer s3cret")], "other")
+
+
+def test_admission_bounds_the_queue_and_drains() -> None:
+    async def scenario() -> None:
+        adm = Admission(max_concurrent=1, max_queue=1, retry_after_ms=250)
+        gate = asyncio.Event()
+
+        async def hold() -> None:
+            async with adm.slot():
+                await gate.wait()
+
+        first = asyncio.create_task(hold())
+        await asyncio.sleep(0)
+        second = asyncio.create_task(hold())  # queued
+        await asyncio.sleep(0)
+        assert (adm.running, adm.waiting) == (1, 1)
+        with pytest.raises(Overloaded) as e:
+            async with adm.slot():
+                pass
+        assert e.value.retry_after_ms == 250
+        second.cancel()  # a cancelled waiter leaves the queue
+        await asyncio.sleep(0)
+        assert adm.waiting == 0
+        adm.close()
+        with pytest.raises(Unavailable):
+            async with adm.slot():
+                pass
+        gate.set()
+        await asyncio.wait_for(adm.wait_idle(), 1)
+        await first
+
+    asyncio.run(scenario())
+
+
+def _count(text: str) -> int:
+    return len(text.split())
+
+
+def test_passages_kept_by_relevance_within_budget() -> None:
+    ps = [Passage("a " * 10, 0.1), Passage("b " * 10, 0.9), Passage("c " * 30, 0.8), Passage("d " * 5, 0.5)]
+    kept = select_passages(ps, 30, _count)
+    assert [p.text[0] for p in kept] == ["b", "d"]  # c is relevant but too long; a is least relevant
+
+
+def test_context_folds_older_turns_in_batches_keeping_a_stable_prefix() -> None:
+    folds: list[tuple[str, int]] = []
+
+    async def fold(summary: str, msgs: Sequence[StoredMessage]) -> str:
+        folds.append((summary, len(msgs)))
+        return f"summary #{len(folds)}"
+
+    builder = ContextBuilder(_count, fold, budget=100, keep_turns=2)
+    session = Session(tenant="t", session_id="s", system="be brief")
+    prefixes = []
+
+    async def turns() -> None:
+        for _ in range(12):
+            new = [ChatMessage("user", "word " * 8)]
+            built = await builder.chat(session, new, [])
+            assert built.budget_tokens <= 100
+            prefixes.append(built.messages[0]["content"])
+            session.messages += [StoredMessage("user", "word " * 8, 8), StoredMessage("assistant", "ok " * 8, 8)]
+
+    asyncio.run(turns())
+    assert folds and folds[0][0] == ""  # the first fold starts from no summary
+    assert all(prev for prev, _ in folds[1:])  # later folds are incremental: previous summary + new turns only
+    assert session.folded == sum(n for _, n in folds)
+    assert len(folds) < 6  # folded in batches, not every turn
+    assert len(set(prefixes)) == len(folds) + 1  # the prefix changes only when a fold happens
+    assert prefixes[-1].startswith("be brief\n\nSummary of the earlier conversation:")
+
+
+def test_context_refuses_a_turn_larger_than_the_budget() -> None:
+    async def fold(summary: str, msgs: Sequence[StoredMessage]) -> str:
+        return summary
+
+    builder = ContextBuilder(_count, fold, budget=64, keep_turns=2)
+    with pytest.raises(InvalidArgument, match=r"^messages:"):
+        asyncio.run(builder.chat(Session(tenant="t", session_id="s"), [ChatMessage("user", "w " * 100)], []))
+
+
+def test_ledger_and_history_roundtrip(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger.sqlite", "cloud-x")
+    cfg = Config()
+    routes: list[RouteTaken] = ["local", "local", "cache"]
+    for i, route in enumerate(routes):
+        u = Usage(prompt_tokens=10, completion_tokens=5, counterfactual_cost=cfg.pricing.cloud_cost(10, 0, 5))
+        res = Result(request_id=f"r{i}", text="x", route=route, model="m", finish_reason="stop", usage=u)
+        asyncio.run(ledger.record("acme" if i < 2 else "globex", res))
+    assert ledger.exists("acme", "r0") and not ledger.exists("globex", "r0")
+    acme = ledger.totals("acme")
+    assert [(t.route, t.requests) for t in acme] == [("local", 2)]
+    total = sum_totals(ledger.totals(None))
+    assert total.requests == 3 and total.counterfactual_cost == pytest.approx(3 * (10 * 0.5 + 5 * 1.5) / 1e6)
+    ledger.close()
+
+    store = HistoryStore(tmp_path / "history.sqlite")
+    s = store.load("acme", "s1")
+    s.system, s.summary, s.folded = "sys", "sum", 0
+    store.commit_turn(s, [StoredMessage("user", "hi", 1), StoredMessage("assistant", "yo", 1)])
+    store.close()
+    again = HistoryStore(tmp_path / "history.sqlite").load("acme", "s1")
+    assert (again.system, again.summary, [m.content for m in again.messages]) == ("sys", "sum", ["hi", "yo"])
+    assert HistoryStore(tmp_path / "history.sqlite").load("globex", "s1").messages == []

@@ -120,10 +120,10 @@ void ModelRunner::run(const Batch & batch, std::vector<float> & logits) {
         const SeqView & v = batch.views[batch.seq[i]];
         cells_[i]         = v.cell(batch.pos[i]);
         GGML_ASSERT(cells_[i] >= 0 && cells_[i] < kv_.n_cells());
-        for (int32_t p = 0; p <= batch.pos[i]; p += static_cast<int32_t>(v.block_size)) {
-            max_cell = std::max(max_cell, v.cell(p));
+        const int32_t bs = static_cast<int32_t>(v.block_size);
+        for (int32_t p = 0; p <= batch.pos[i]; p += bs) {  // the last cell it sees in each block
+            max_cell = std::max(max_cell, v.cell(std::min(p + bs - 1, batch.pos[i])));
         }
-        max_cell = std::max(max_cell, cells_[i]);
     }
     const uint32_t n_kv = std::min(kv_.n_cells(), std::max(kKvPad, GGML_PAD(static_cast<uint32_t>(max_cell + 1), kKvPad)));
 

@@ -56,19 +56,19 @@ def ours(model: str, threads: int, c: int, n_prompt: int, n_gen: int) -> dict[st
 def llamacpp_batched(model: str, threads: int, c: int, n_prompt: int, n_gen: int) -> dict[str, float]:
     import llama_cpp
 
-    llm = llama_cpp.Llama(
-        model_path=model,
-        n_ctx=c * (n_prompt + n_gen) + 64,
-        n_batch=512,
-        n_ubatch=512,
-        n_seq_max=c,
-        n_threads=threads,
-        n_threads_batch=threads,
-        flash_attn=True,
-        n_gpu_layers=0,
-        verbose=False,
-    )
-    ctx = llm._ctx.ctx
+    # the model through the high-level API; the context as llama-server makes it (several
+    # sequences, one unified KV cache, flash attention), which that API does not expose
+    llm = llama_cpp.Llama(model_path=model, n_ctx=64, n_threads=threads, n_gpu_layers=0, verbose=False)
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = c * (n_prompt + n_gen) + 64
+    params.n_batch = params.n_ubatch = 512
+    params.n_seq_max = c
+    params.n_threads = params.n_threads_batch = threads
+    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    params.kv_unified = True
+    ctx = llama_cpp.llama_init_from_model(llm.model, params)
+    if not ctx:
+        raise RuntimeError("llama_init_from_model failed")
     n_vocab = llm.n_vocab()
     sampler = llama_cpp.llama_sampler_init_greedy()
     batch = llama_cpp.llama_batch_init(512, 0, 1)
@@ -98,6 +98,7 @@ def llamacpp_batched(model: str, threads: int, c: int, n_prompt: int, n_gen: int
     t1 = time.perf_counter()
     llama_cpp.llama_batch_free(batch)
     llama_cpp.llama_sampler_free(sampler)
+    llama_cpp.llama_free(ctx)
     return {"decode_tps": c * (n_gen - 1) / (t1 - t_all), "e2e_tps": c * n_gen / (t1 - t0)}
 
 

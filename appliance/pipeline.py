@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from appliance.service.admission import Admission
-from appliance.service.cache_stage import PassThroughCache
+from appliance.service.cache_stage import PassThroughCache, SemanticCacheStage
 from appliance.service.config import ModelConfig, PricingConfig
 from appliance.service.context import Built, ContextBuilder, with_passages
 from appliance.service.errors import AlreadyExists, FailedPrecondition, InvalidArgument
@@ -33,6 +33,7 @@ class Pipeline:
         history: HistoryStore,
         model: ModelConfig,
         pricing: PricingConfig,
+        cache: SemanticCacheStage | PassThroughCache | None = None,
     ) -> None:
         self.backend = backend
         self.admission = admission
@@ -40,7 +41,7 @@ class Pipeline:
         self.history = history
         self.model = model
         self.pricing = pricing
-        self.cache = PassThroughCache()
+        self.cache = cache or PassThroughCache()
         self.router = LocalRouter()
         summarizer = Summarizer(backend.generate, backend.tokenize, model.summary_max_tokens)
         self.context = ContextBuilder(backend.count_tokens, summarizer.fold, model.context_budget, model.keep_turns)

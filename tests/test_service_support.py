@@ -20,7 +20,13 @@ TOKENS = {"acme": "acme-token-0123456789abcdef", "globex": "globex-token-0123456
 
 
 def write_config(
-    path: Path, model: Path, *, tcp: bool = True, server: Mapping[str, Any] | None = None, **model_cfg: Any
+    path: Path,
+    model: Path,
+    *,
+    tcp: bool = True,
+    server: Mapping[str, Any] | None = None,
+    cache: bool = False,
+    **model_cfg: Any,
 ) -> Path:
     lines = ["[server]", f'unix_socket = "{path.parent / "s.sock"}"', "drain_timeout_s = 10"]
     if tcp:
@@ -29,6 +35,7 @@ def write_config(
     model_items = {"path": str(model), "n_ctx": 8192, "context_budget": 1024, "threads": 1, **model_cfg}
     lines += ["[model]"] + [f"{k} = {v!r}".replace("'", '"') for k, v in model_items.items()]
     lines += ["[storage]", f'dir = "{path.parent / "state"}"']
+    lines += ["[cache]", f"enabled = {str(cache).lower()}", f'dir = "{path.parent / "semantic-cache"}"']
     for name, token in TOKENS.items():
         lines += ["[[tenants]]", f'name = "{name}"', f'token_sha256 = "{hash_token(token)}"']
     path.write_text("\n".join(lines) + "\n")

@@ -123,12 +123,25 @@ class StorageConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         return Path(self.dir).expanduser() if self.dir else data_home() / "state"
 
 
+class CacheConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    enabled: bool = True  # needs the embedding model (`appliance models pull all-minilm-l6-v2`)
+    dir: str = ""  # empty: $APPLIANCE_HOME/semantic-cache
+    ttl_s: float = 0.0  # 0: entries do not expire
+
+    def __post_init__(self) -> None:
+        _check(self.ttl_s >= 0, "ttl_s", "must be >= 0")
+
+    def path(self) -> Path:
+        return Path(self.dir).expanduser() if self.dir else data_home() / "semantic-cache"
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     model: ModelConfig = msgspec.field(default_factory=ModelConfig)
     tenants: list[TenantConfig] = msgspec.field(default_factory=list)
     pricing: PricingConfig = msgspec.field(default_factory=PricingConfig)
     storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
+    cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
     default_tenant: str = "local"  # the tenant of Unix-socket requests that name none
 
     def __post_init__(self) -> None:

@@ -16,9 +16,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from appliance.cache import CacheError, SemanticCache
 from appliance.pipeline import Pipeline
 from appliance.service.admission import Admission
 from appliance.service.auth import Authenticator
+from appliance.service.cache_stage import PassThroughCache, SemanticCacheStage
 from appliance.service.config import Config, hostport
 from appliance.service.errors import Overloaded, RequestError, Unavailable
 from appliance.service.history import HistoryStore
@@ -122,6 +124,7 @@ class ApplianceServer:
             self.ledger = Ledger(state / "ledger.sqlite", self.cfg.pricing.cloud_model)
             self.history = HistoryStore(state / "history.sqlite")
             backend = await asyncio.to_thread(self._load_backend)
+            cache = await asyncio.to_thread(self._open_cache, backend.name)
         except Exception as e:  # reported by every request and by health staying NOT_SERVING
             log.error("loading failed: %s", e)
             self._load_error = e
@@ -133,6 +136,7 @@ class ApplianceServer:
             history=self.history,
             model=self.cfg.model,
             pricing=self.cfg.pricing,
+            cache=cache,
         )
         log.info("model %s loaded in %.1f s; serving", backend.name, time.perf_counter() - t0)
         if not self.admission.closed:
@@ -142,6 +146,18 @@ class ApplianceServer:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE):
             await self.health.set(name, status)
+
+    def _open_cache(self, model: str) -> SemanticCacheStage | PassThroughCache:
+        """The semantic cache, or a pass-through when it is disabled or its embedder is missing."""
+        c = self.cfg.cache
+        if not c.enabled:
+            return PassThroughCache()
+        try:
+            cache = SemanticCache.open(c.path())
+        except (CacheError, OSError) as e:
+            log.warning("semantic cache disabled: %s", e)
+            return PassThroughCache()
+        return SemanticCacheStage(cache, model, c.ttl_s or None)
 
     async def stop(self, drain_timeout: float | None = None) -> None:
         """Graceful: NOT_SERVING, refuse new requests, let in-flight ones finish within the timeout,
@@ -162,6 +178,7 @@ class ApplianceServer:
                 db.close()
         if self.pipeline is not None:
             self.pipeline.backend.close()
+            self.pipeline.cache.close()
         if self.socket_path.exists():
             self.socket_path.unlink()
 

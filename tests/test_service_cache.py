@@ -1,0 +1,48 @@
+"""The semantic cache in the service: a repeated question is answered from the cache, per tenant,
+never for an opposite question, and the ledger books what it saved."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from test_service_support import ServerProcess, write_config
+
+ROUTE_CACHE, ROUTE_LOCAL = 1, 2
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    d = tmp_path_factory.mktemp("svc-cache")
+    srv = ServerProcess(write_config(d / "appliance.toml", tiny_model("gemma3"), cache=True))
+    yield srv
+    assert srv.stop() == 0
+
+
+def test_repeated_question_is_served_from_the_cache(server: ServerProcess) -> None:
+    with server.client("acme") as c:
+        first = c.generate(prompt="How do I reset my online banking password?", max_tokens=8, temperature=0)
+        again = c.generate(prompt="How can I reset my online banking password?", max_tokens=8, temperature=0)
+        usage = c.usage()
+    assert first.route == ROUTE_LOCAL and again.route == ROUTE_CACHE
+    assert again.text == first.text
+    assert again.usage.cost == 0 and again.usage.counterfactual_cost == pytest.approx(first.usage.counterfactual_cost)
+    cache_row = [r for r in usage.by_route if r.route == "cache"]
+    assert cache_row and cache_row[0].requests >= 1 and cache_row[0].counterfactual_cost > 0
+
+
+def test_cache_never_crosses_tenants_or_meanings(server: ServerProcess) -> None:
+    with server.client("acme") as c:
+        c.generate(prompt="Please enable two factor authentication on my account", max_tokens=6, temperature=0)
+        opposite = c.generate(
+            prompt="Please disable two factor authentication on my account", max_tokens=6, temperature=0
+        )
+        skipped = c.generate(
+            prompt="Please enable two factor authentication on my account", max_tokens=6, temperature=0, cache_policy=1
+        )
+    with server.client("globex") as g:
+        other = g.generate(prompt="Please enable two factor authentication on my account", max_tokens=6, temperature=0)
+    assert opposite.route == ROUTE_LOCAL
+    assert other.route == ROUTE_LOCAL  # another tenant's cached answer is never served
+    assert skipped.route == ROUTE_LOCAL

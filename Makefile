@@ -36,14 +36,15 @@ $(STAMPS)/venv:
 	@mkdir -p $(STAMPS) && touch $@
 
 # llama-cpp-python compiles ggml and llama.cpp from source (about 5 minutes on 2 cores); the wheel is
-# kept in build/wheels so a later `make` or a fresh venv reuses it
+# kept in build/wheels so a later `make` or a fresh venv reuses it. --no-cache-dir: pip's own wheel
+# cache ignores CMAKE_ARGS and could hand back a build made with other flags.
 $(STAMPS)/llama: $(STAMPS)/venv constraints.txt
 	@mkdir -p $(WHEELS)
 	@if ! ls $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl >/dev/null 2>&1; then \
 	    echo "building llama-cpp-python $(LLAMA_VERSION) (ggml + llama.cpp, about 5 minutes on 2 cores)"; \
 	    $(PIP) install -q $(PIN) scikit-build-core cmake ninja && \
 	    CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
-	        $(PIP) wheel --no-deps --no-build-isolation -w $(WHEELS) llama-cpp-python==$(LLAMA_VERSION) || exit 1; \
+	        $(PIP) wheel --no-cache-dir --no-deps --no-build-isolation -w $(WHEELS) llama-cpp-python==$(LLAMA_VERSION) || exit 1; \
 	fi
 	$(PIP) install -q $(PIN) $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl
 	@touch $@

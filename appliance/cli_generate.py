@@ -9,6 +9,7 @@ import time
 from appliance.engine import Engine, default_threads
 from appliance.manifest import ManifestError
 from appliance.modelref import resolve_model
+from appliance.repl import prompt_lines
 from appliance.sampling import SamplingOptions
 
 
@@ -61,16 +62,9 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"model {engine.model.path} ({engine.model.arch}); type a prompt, 'exit' or Ctrl-D to quit", file=sys.stderr
         )
-        while True:
-            try:
-                line = input("> ")
-            except EOFError:
-                print(file=sys.stderr)
-                return 0
-            if line.strip() in ("exit", "quit"):
-                return 0
-            if line.strip():
-                _answer(engine, line, opts, args.chat, args.stats)
+        for line in prompt_lines():
+            _answer(engine, line, opts, args.chat, args.stats)
+        return 0
     except (ValueError, LookupError, OSError, ManifestError) as e:
         print(f"appliance generate: {e}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from appliance.manifest import ManifestError
+from appliance.repl import prompt_lines
 
 if TYPE_CHECKING:
     from appliance.service.config import Config
@@ -101,8 +102,9 @@ def run_serve(args: argparse.Namespace) -> int:
     os.umask(0o077)  # the socket is chmod-ed to server.socket_mode right after binding
 
     def load() -> LocalBackend:
+        m = cfg.model
         return LocalBackend.load(
-            model_path, cfg.model.n_ctx, cfg.model.threads, cfg.server.max_concurrent, cfg.model.kv_cache_mb
+            model_path, m.n_ctx, m.threads, cfg.server.max_concurrent, m.kv_cache_mb, m.max_batched_tokens
         )
 
     def ready(server: ApplianceServer) -> None:
@@ -132,16 +134,7 @@ def run_chat(args: argparse.Namespace) -> int:
     print(f"session {session} on {target}; 'exit' or Ctrl-D to quit", file=sys.stderr)
     first = not args.session
     with Client.connect(target, args.token) as client:
-        while True:
-            try:
-                line = input("> ")
-            except EOFError:
-                print(file=sys.stderr)
-                return 0
-            if line.strip() in ("exit", "quit"):
-                return 0
-            if not line.strip():
-                continue
+        for line in prompt_lines():
             msgs = ([("system", args.system)] if first and args.system else []) + [("user", line)]
             first = False
             try:
@@ -162,6 +155,7 @@ def run_chat(args: argparse.Namespace) -> int:
                 print(f"\nappliance chat: {e.code().name}: {e.details()}", file=sys.stderr)
                 if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED):
                     return 1
+    return 0
 
 
 def run_report(args: argparse.Namespace) -> int:

@@ -46,3 +46,18 @@ def test_cache_never_crosses_tenants_or_meanings(server: ServerProcess) -> None:
     assert opposite.route == ROUTE_LOCAL
     assert other.route == ROUTE_LOCAL  # another tenant's cached answer is never served
     assert skipped.route == ROUTE_LOCAL
+
+
+def test_embed_returns_unit_vectors_and_checks_input(server: ServerProcess) -> None:
+    import grpc
+    import numpy as np
+
+    with server.client("acme") as c:
+        r = c.embed(["My card has not arrived yet", "I am still waiting on my card?", "enable 2FA"])
+        with pytest.raises(grpc.RpcError) as e:
+            c.embed(["fine", "   "])
+    vecs = np.array([list(v.values) for v in r.embeddings])
+    assert vecs.shape == (3, 384)
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-4)
+    assert float(vecs[0] @ vecs[1]) > float(vecs[0] @ vecs[2])  # a paraphrase is nearer than another topic
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "texts[1]" in (e.value.details() or "")

@@ -66,6 +66,7 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     n_ctx: int = 4096
     threads: int = 0  # 0: every CPU this process may use
     kv_cache_mb: int = 256  # paged KV cache shared by all running requests (and the prefix cache)
+    max_batched_tokens: int = 512  # tokens per forward pass: decodes first, prompts chunked into the rest
     context_budget: int = 2048  # most prompt tokens a Chat turn sends; older turns are summarized
     keep_turns: int = 4  # the last N messages stay verbatim
     summary_max_tokens: int = 128
@@ -75,6 +76,7 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         _check(self.n_ctx >= 64, "n_ctx", "must be >= 64")
         _check(self.threads >= 0, "threads", "must be >= 0")
         _check(self.kv_cache_mb >= 1, "kv_cache_mb", "must be >= 1")
+        _check(16 <= self.max_batched_tokens <= 8192, "max_batched_tokens", "must be in [16, 8192]")
         _check(64 <= self.context_budget <= self.n_ctx, "context_budget", "must be in [64, n_ctx]")
         _check(self.keep_turns >= 0, "keep_turns", "must be >= 0")
         _check(self.summary_max_tokens >= 8, "summary_max_tokens", "must be >= 8")

@@ -25,9 +25,21 @@ class LocalBackend:
 
     @classmethod
     def load(
-        cls, model_path: Path, n_ctx: int, threads: int, max_seqs: int = 16, kv_cache_mb: int = 256
+        cls,
+        model_path: Path,
+        n_ctx: int,
+        threads: int,
+        max_seqs: int = 16,
+        kv_cache_mb: int = 256,
+        max_batched_tokens: int = 512,
     ) -> LocalBackend:
-        engine = AsyncEngine(model_path, n_threads=threads or None, max_seqs=max_seqs, kv_cache_mb=kv_cache_mb)
+        engine = AsyncEngine(
+            model_path,
+            n_threads=threads or None,
+            max_seqs=max_seqs,
+            kv_cache_mb=kv_cache_mb,
+            max_batched_tokens=max_batched_tokens,
+        )
         return cls(engine, model_path.stem, n_ctx)
 
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:

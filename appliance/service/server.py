@@ -22,7 +22,7 @@ from appliance.service.admission import Admission
 from appliance.service.auth import Authenticator
 from appliance.service.cache_stage import PassThroughCache, SemanticCacheStage
 from appliance.service.config import Config, hostport
-from appliance.service.errors import Overloaded, RequestError, Unavailable
+from appliance.service.errors import FailedPrecondition, InvalidArgument, Overloaded, RequestError, Unavailable
 from appliance.service.history import HistoryStore
 from appliance.service.ledger import Ledger, sum_totals
 from appliance.service.local_backend import LocalBackend
@@ -282,13 +282,29 @@ class ApplianceServer:
                 yield pb.GenerateChunk(request_id=event.request_id, done=True, final=result_to_proto(event))
 
     async def embed(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        """Sentence embeddings from the semantic cache's embedding model (unit length)."""
+        pb = pb2()
         try:
             self.auth.tenant_for(context.peer(), context.invocation_metadata() or (), request.tenant)
+            stage = self.pipeline.cache if self.pipeline is not None else None
+            if not isinstance(stage, SemanticCacheStage):
+                raise FailedPrecondition(
+                    "Embed: no embedding model is loaded (the semantic cache is disabled or unprovisioned)"
+                )
+            texts = list(request.texts)
+            if not texts or len(texts) > 256:
+                raise InvalidArgument("texts", "give 1 to 256 texts")
+            for i, t in enumerate(texts):
+                if not t.strip() or len(t) > 32768:
+                    raise InvalidArgument(f"texts[{i}]", "must be non-empty and at most 32768 characters")
+            embedder = stage.cache.embedder
+            vectors = await asyncio.to_thread(lambda: [embedder.embed(t) for t in texts])
         except RequestError as e:
             await self._abort(context, e, "Embed")
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED,
-            "Embed: no embedding model is wired into the service yet (it lands with the semantic cache)",
+        except CacheError as e:
+            await self._abort(context, InvalidArgument("texts", str(e)), "Embed")
+        return pb.EmbedResponse(
+            embeddings=[pb.Embedding(values=[float(x) for x in v]) for v in vectors], model=embedder.version
         )
 
     async def get_usage(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:

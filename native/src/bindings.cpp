@@ -37,6 +37,19 @@ std::vector<int32_t> as_tokens(const py::handle & obj) {
     return out;
 }
 
+SamplingParams sampling_params(float temperature, int32_t top_k, float top_p, float min_p, float repeat_penalty,
+                               int32_t repeat_last_n, uint64_t seed) {
+    SamplingParams p;
+    p.temperature    = temperature;
+    p.top_k          = top_k;
+    p.top_p          = top_p;
+    p.min_p          = min_p;
+    p.repeat_penalty = repeat_penalty;
+    p.repeat_last_n  = repeat_last_n;
+    p.seed           = seed;
+    return p;
+}
+
 py::dict timings_dict(const Timings & t) {
     py::dict d;
     d["n_passes"]   = t.n_passes;
@@ -191,13 +204,7 @@ PYBIND11_MODULE(_native, m) {
                  Request r;
                  r.prompt                  = as_tokens(prompt);
                  r.max_tokens              = max_tokens;
-                 r.sampling.temperature    = temperature;
-                 r.sampling.top_k          = top_k;
-                 r.sampling.top_p          = top_p;
-                 r.sampling.min_p          = min_p;
-                 r.sampling.repeat_penalty = repeat_penalty;
-                 r.sampling.repeat_last_n  = repeat_last_n;
-                 r.sampling.seed           = seed;
+                 r.sampling = sampling_params(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed);
                  r.stop_at_eog             = stop_at_eog;
                  r.tenant                  = std::move(tenant);
                  return e.submit(r);
@@ -250,14 +257,7 @@ PYBIND11_MODULE(_native, m) {
     py::class_<Sampler>(m, "Sampler", "Picks next tokens from a context's logits.")
         .def(py::init([](int32_t n_vocab, float temperature, int32_t top_k, float top_p, float min_p, float repeat_penalty,
                          int32_t repeat_last_n, uint64_t seed) {
-                 SamplingParams p;
-                 p.temperature    = temperature;
-                 p.top_k          = top_k;
-                 p.top_p          = top_p;
-                 p.min_p          = min_p;
-                 p.repeat_penalty = repeat_penalty;
-                 p.repeat_last_n  = repeat_last_n;
-                 p.seed           = seed;
+                 const SamplingParams p = sampling_params(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed);
                  return std::make_unique<Sampler>(p, n_vocab);
              }),
              py::arg("n_vocab"), py::kw_only(), py::arg("temperature") = 0.8f, py::arg("top_k") = 40, py::arg("top_p") = 0.95f,

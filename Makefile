@@ -17,7 +17,7 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 LLAMA_VERSION    := 0.3.36
 NATIVE_SRC       := $(shell find native -name '*.cpp' -o -name '*.h' -o -name CMakeLists.txt 2>/dev/null)
 
-.PHONY: serve test deps build models lint typecheck stubs bench bench-decode bench-batch bench-prefix clean help
+.PHONY: serve test deps build models lint typecheck stubs bench bench-decode bench-batch bench-prefix bench-serve clean help
 
 help:
 	@echo "make serve   set up .venv, build, provision the default models, start the gRPC service"
@@ -81,7 +81,7 @@ typecheck: build
 stubs: build
 	$(PY) -m mypy.stubtest --allowlist native/stubtest-allowlist.txt appliance._native
 
-bench: bench-decode bench-batch bench-prefix
+bench: bench-decode bench-batch bench-prefix bench-serve
 
 bench-decode: build models
 	$(VENV)/bin/appliance bench decode --json
@@ -91,6 +91,9 @@ bench-batch: build models
 
 bench-prefix: build models
 	$(VENV)/bin/appliance bench prefix --json
+
+bench-serve: build models
+	$(VENV)/bin/appliance bench serve --json
 
 clean:
 	rm -rf build $(VENV)

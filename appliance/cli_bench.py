@@ -49,6 +49,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     x.add_argument("--system-tokens", type=int, default=1024)
     x.set_defaults(func=run_prefix)
 
+    s = _add(
+        bsub,
+        "serve",
+        "requests/s and p50/p99 through the gRPC service vs the engine directly",
+        "What the service costs: short generations through a real server process and real clients versus the "
+        "same requests through the batching engine in-process, at 1, 4, 8 and 16 concurrent clients.",
+    )
+    s.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
+    s.set_defaults(func=run_serve)
+
 
 def _add(
     bsub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str, desc: str
@@ -103,3 +113,12 @@ def run_prefix(args: argparse.Namespace) -> int:
     if model is None:
         return 2
     return _print(bench_prefix(model, args.threads or default_threads(), args.system_tokens), args.json)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from appliance.bench.serve import bench_serve
+
+    model = _model(args)
+    if model is None:
+        return 2
+    return _print(bench_serve(model, args.threads or default_threads(), tuple(args.concurrency)), args.json)

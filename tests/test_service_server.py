@@ -204,6 +204,29 @@ def test_prometheus_metrics(server: ServerProcess) -> None:
     body = urllib.request.urlopen(f"http://{server.metrics}/metrics", timeout=5).read().decode()
     assert 'appliance_requests_total{method="Generate",route="local",code="OK"}' in body
     assert "appliance_request_seconds_bucket" in body and "appliance_ready 1" in body
+    assert "appliance_kv_blocks_free" in body and "appliance_prefix_cache_hits_total" in body
+
+
+def _metric(server: ServerProcess, name: str) -> float:
+    body = urllib.request.urlopen(f"http://{server.metrics}/metrics", timeout=5).read().decode()
+    return float(next(line.split()[-1] for line in body.splitlines() if line.startswith(name + " ")))
+
+
+def test_cancel_and_deadline_free_the_kv_cache(server: ServerProcess) -> None:
+    total = _metric(server, "appliance_kv_blocks_total")
+    with server.client() as c:
+        call = c.stream(prompt="hello", max_tokens=5000, temperature=0)
+        for _ in range(3):
+            next(call)
+        assert _metric(server, "appliance_kv_blocks_free") < total  # the running request holds blocks
+        call.cancel()  # type: ignore[attr-defined]
+        with pytest.raises(grpc.RpcError):
+            c.generate(prompt="hello", max_tokens=5000, temperature=0, timeout=0.3)
+    deadline = time.monotonic() + 5
+    while _metric(server, "appliance_kv_blocks_free") < total and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _metric(server, "appliance_kv_blocks_free") == total
+    assert _metric(server, "appliance_engine_sequences_running") == 0
 
 
 def test_history_survives_restart_and_drain_finishes_streams(tiny: Path, tmp_path: Path) -> None:

@@ -187,11 +187,20 @@ class ApplianceServer:
             await self._server.wait_for_termination()
 
     def _gauges(self) -> dict[str, float]:
-        return {
+        gauges: dict[str, float] = {
             "appliance_requests_running": self.admission.running,
             "appliance_requests_queued": self.admission.waiting,
             "appliance_ready": 1.0 if self.pipeline is not None and not self.admission.closed else 0.0,
         }
+        if self.pipeline is not None:
+            engine = self.pipeline.backend.engine.stats()
+            gauges["appliance_engine_sequences_running"] = engine["n_running"]
+            gauges["appliance_engine_sequences_waiting"] = engine["n_waiting"]
+            gauges["appliance_kv_blocks_total"] = engine["n_blocks"]
+            gauges["appliance_kv_blocks_free"] = engine["n_free_blocks"]
+            gauges["appliance_prefix_cache_hits_total"] = engine["prefix_hits"]
+            gauges["appliance_engine_preemptions_total"] = engine["n_preemptions"]
+        return gauges
 
     # ------------------------------------------------------------------ RPCs
 

@@ -59,6 +59,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     s.set_defaults(func=run_serve)
 
+    c = _add(
+        bsub,
+        "context",
+        "prompt tokens per turn of a scripted 30-turn chat, context management on vs off",
+        "Context-window management: the prompt tokens each turn of a scripted 30-turn conversation sends with "
+        "summarization of older turns (the service's own ContextBuilder and Summarizer) and with the whole history "
+        "verbatim; the summarizer's own tokens are counted against the saving.",
+    )
+    c.add_argument("--turns", type=int, default=30)
+    c.add_argument("--budget", type=int, default=1024, help="context budget in tokens (default 1024)")
+    c.add_argument("--max-tokens", type=int, default=48, help="reply length per turn (default 48)")
+    c.set_defaults(func=run_context)
+
 
 def _add(
     bsub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str, desc: str
@@ -122,3 +135,15 @@ def run_serve(args: argparse.Namespace) -> int:
     if model is None:
         return 2
     return _print(bench_serve(model, args.threads or default_threads(), tuple(args.concurrency)), args.json)
+
+
+def run_context(args: argparse.Namespace) -> int:
+    from appliance.bench.context import bench_context
+
+    model = _model(args)
+    if model is None:
+        return 2
+    res = bench_context(model, args.threads or default_threads(), args.turns, args.max_tokens, args.budget)
+    if not args.json:
+        res.pop("per_turn", None)
+    return _print(res, args.json)

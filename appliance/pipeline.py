@@ -122,7 +122,7 @@ class Pipeline:
     def _tokenize(self, req: Request, built: Built) -> list[int]:
         field = "messages" if req.messages else "prompt"
         if built.messages:
-            tokens = self.backend.tokenize(self.backend.render_chat(built.messages), add_special=False)
+            tokens = self.backend.tokenize_chat(self.backend.render_chat(built.messages))
         else:
             tokens = self.backend.tokenize(with_passages(req.prompt, built.passages))
         if len(tokens) >= self.backend.n_ctx:

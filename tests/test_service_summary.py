@@ -56,3 +56,18 @@ def test_chat_summarizes_older_turns_within_the_budget(default_model: Path, tmp_
     assert max(u.cached_tokens / u.prompt_tokens for u in usages[1:]) > 0.5, [
         (u.prompt_tokens, u.cached_tokens) for u in usages
     ]
+
+
+def test_chat_prompts_start_with_bos(default_model: Path) -> None:
+    """The built-in gemma template leaves BOS out; the service adds it (without it the model babbles)."""
+    from appliance.service.local_backend import LocalBackend
+
+    backend = LocalBackend.load(default_model, 512, 2, max_seqs=1, kv_cache_mb=16)
+    try:
+        rendered = backend.render_chat([{"role": "user", "content": "hello"}])
+        tokens = backend.tokenize_chat(rendered)
+        bos = backend.engine.vocab.bos
+        assert tokens[0] == bos and tokens.count(bos) == 1
+        assert backend.tokenize_chat("<bos>" + rendered).count(bos) == 1  # never twice
+    finally:
+        backend.close()

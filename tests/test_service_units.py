@@ -135,6 +135,25 @@ def test_context_folds_older_turns_in_batches_keeping_a_stable_prefix() -> None:
     assert prefixes[-1].startswith("be brief\n\nSummary of the earlier conversation:")
 
 
+def test_folds_take_whole_exchanges_so_kept_history_starts_with_a_user_turn() -> None:
+    async def fold(summary: str, msgs: Sequence[StoredMessage]) -> str:
+        return "summary"
+
+    builder = ContextBuilder(_count, fold, budget=100, keep_turns=3)  # an odd number kept
+    session = Session(tenant="t", session_id="s", system="be brief")
+
+    async def turns() -> None:
+        for _ in range(12):
+            built = await builder.chat(session, [ChatMessage("user", "word " * 8)], [])
+            kept = session.messages[session.folded :]
+            assert not kept or kept[0].role == "user", "a fold must not split an exchange"
+            assert built.messages[0]["role"] == "system"
+            session.messages += [StoredMessage("user", "word " * 8, 8), StoredMessage("assistant", "ok " * 7, 7)]
+
+    asyncio.run(turns())
+    assert session.folded > 0
+
+
 def test_context_refuses_a_turn_larger_than_the_budget() -> None:
     async def fold(summary: str, msgs: Sequence[StoredMessage]) -> str:
         return summary

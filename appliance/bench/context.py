@@ -94,10 +94,6 @@ class _SummarizerLedger:
         self.backend = backend
         self.calls: list[_Counted] = []
         self.folds: list[dict[str, Any]] = []
-        self.fold: Fold = self._unset
-
-    async def _unset(self, summary: str, messages: Sequence[StoredMessage]) -> str:
-        raise RuntimeError("wrap() was not called")
 
     def wrap(self, fold: Fold) -> Fold:
         """`fold`, recording what each fold read and whether the model wrote the summary (or the fallback did)."""
@@ -117,7 +113,6 @@ class _SummarizerLedger:
             )
             return out
 
-        self.fold = booked
         return booked
 
     async def generate(self, tokens: Sequence[int], options: SamplingOptions) -> AsyncIterator[Chunk]:
@@ -139,7 +134,7 @@ class _SummarizerLedger:
 
 def _prompt(backend: LocalBackend, messages: list[dict[str, str]]) -> list[int]:
     """What `Pipeline._tokenize` sends for chat messages: the chat template, tokenized with its control tokens."""
-    return backend.tokenize(backend.render_chat(messages), add_special=False)
+    return backend.tokenize_chat(backend.render_chat(messages))
 
 
 async def _reply(backend: LocalBackend, tokens: list[int], opts: SamplingOptions, tenant: str) -> _Counted:
@@ -170,6 +165,7 @@ async def _managed(
     tenant, sid = "bench-on", "conversation"
     rows: list[dict[str, Any]] = []
     session = Session(tenant=tenant, session_id=sid)
+    bos = backend.engine.vocab.bos
     for i, text in enumerate(script):
         session = await asyncio.to_thread(history.load, tenant, sid)
         if i == 0:  # the request carries the system prompt on its first turn (Pipeline._build_context)
@@ -191,12 +187,17 @@ async def _managed(
         rows.append(
             {
                 "prompt_tokens": len(tokens),
+                "prompt_has_bos": bos >= 0 and tokens[0] == bos,
                 "cached_tokens": r.cached_tokens,
                 "completion_tokens": r.completion_tokens,
                 "finish_reason": r.finish_reason,
                 "reply": r.text,
                 "budget_estimate": built.budget_tokens,
                 "messages_sent": len(built.messages),
+                # the role the verbatim history starts with after folding ("assistant": an odd number was folded)
+                "first_verbatim_role": session.messages[session.folded].role
+                if session.folded < len(session.messages)
+                else "user",
                 "folded_now": session.folded - folded_before,
                 "summarizer_prompt_tokens": sum(c.prompt_tokens for c in fold_calls),
                 "summarizer_completion_tokens": sum(c.completion_tokens for c in fold_calls),
@@ -309,6 +310,8 @@ async def _run(
         "cached_tokens_off": [int(r["cached_tokens"]) for r in off],
         "summarizer_cached_tokens": sum(c.cached_tokens for c in ledger.calls),
         "max_on_prompt_tokens": max(on_prompt),
+        "on_over_budget_turns": [i + 1 for i, p in enumerate(on_prompt) if p > budget],
+        "prompt_has_bos": all(bool(r["prompt_has_bos"]) for r in on),
         "max_off_prompt_tokens": max(off_prompt),
         "fold_turns": [i + 1 for i, r in enumerate(on) if r["folded_now"]],
         "folds": ledger.folds,

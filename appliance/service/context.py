@@ -91,6 +91,9 @@ class ContextBuilder:
                 while n < len(live) and total > self.budget:
                     total -= self._tokens(live[n])
                     n += 1
+            while 0 < n < len(live) and live[n].role == "assistant":  # fold whole exchanges: what stays
+                total -= self._tokens(live[n])  # starts with a user turn, after system prompt and summary
+                n += 1
             if n:
                 session.summary = await self.fold(session.summary, live[:n])
                 session.folded += n

@@ -45,6 +45,15 @@ class LocalBackend:
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
         return self.engine.tokenize_special(text, add_special=add_special)
 
+    def tokenize_chat(self, rendered: str) -> list[int]:
+        """Tokens of a rendered chat prompt, starting with BOS when the model wants one: templates that
+        leave it out (llama.cpp's built-in gemma template does) would otherwise send none."""
+        tokens = self.tokenize(rendered, add_special=False)
+        bos = self.engine.vocab.bos
+        if self.engine.vocab.add_bos and bos >= 0 and (not tokens or tokens[0] != bos):
+            tokens.insert(0, bos)
+        return tokens
+
     def count_tokens(self, text: str) -> int:
         return len(self.engine.tokenize(text, add_special=False))
 

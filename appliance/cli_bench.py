@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from appliance.engine import default_threads
@@ -27,7 +28,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     d.add_argument("--reps", type=int, default=3, help="rounds per engine (default 3)")
     d.add_argument("--prompt-tokens", type=int, default=512)
     d.add_argument("--gen-tokens", type=int, default=128)
-    d.set_defaults(func=run_decode)
+    d.set_defaults(func=_runner(_decode))
 
     b = _add(
         bsub,
@@ -38,7 +39,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "128 tokens out).",
     )
     b.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    b.set_defaults(func=run_batch)
+    b.set_defaults(func=_runner(_batch))
 
     x = _add(
         bsub,
@@ -47,7 +48,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "Prefix cache: TTFT of a request whose system prompt is already cached (same tenant) versus cold.",
     )
     x.add_argument("--system-tokens", type=int, default=1024)
-    x.set_defaults(func=run_prefix)
+    x.set_defaults(func=_runner(_prefix))
 
     s = _add(
         bsub,
@@ -57,7 +58,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "same requests through the batching engine in-process, at 1, 4, 8 and 16 concurrent clients.",
     )
     s.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
-    s.set_defaults(func=run_serve)
+    s.set_defaults(func=_runner(_serve))
 
     c = _add(
         bsub,
@@ -70,7 +71,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     c.add_argument("--turns", type=int, default=30)
     c.add_argument("--budget", type=int, default=1024, help="context budget in tokens (default 1024)")
     c.add_argument("--max-tokens", type=int, default=48, help="reply length per turn (default 48)")
-    c.set_defaults(func=run_context)
+    c.set_defaults(func=_runner(_context))
 
 
 def _add(
@@ -100,50 +101,46 @@ def _print(res: dict[str, Any], as_json: bool) -> int:
     return 0
 
 
-def run_decode(args: argparse.Namespace) -> int:
+def _runner(bench: Callable[[str, int, argparse.Namespace], dict[str, Any]]) -> Callable[[argparse.Namespace], int]:
+    """The command for one benchmark: resolve the model, run, print."""
+
+    def run(args: argparse.Namespace) -> int:
+        model = _model(args)
+        if model is None:
+            return 2
+        res = bench(model, args.threads or default_threads(), args)
+        if not args.json:
+            res.pop("per_turn", None)  # bench context's per-turn detail is for the JSON
+        return _print(res, args.json)
+
+    return run
+
+
+def _decode(model: str, threads: int, a: argparse.Namespace) -> dict[str, Any]:
     from appliance.bench.decode import bench_decode
 
-    model = _model(args)
-    if model is None:
-        return 2
-    threads = args.threads or default_threads()
-    return _print(bench_decode(model, threads, args.reps, args.prompt_tokens, args.gen_tokens), args.json)
+    return bench_decode(model, threads, a.reps, a.prompt_tokens, a.gen_tokens)
 
 
-def run_batch(args: argparse.Namespace) -> int:
+def _batch(model: str, threads: int, a: argparse.Namespace) -> dict[str, Any]:
     from appliance.bench.batch import bench_batch
 
-    model = _model(args)
-    if model is None:
-        return 2
-    return _print(bench_batch(model, args.threads or default_threads(), tuple(args.concurrency)), args.json)
+    return bench_batch(model, threads, tuple(a.concurrency))
 
 
-def run_prefix(args: argparse.Namespace) -> int:
+def _prefix(model: str, threads: int, a: argparse.Namespace) -> dict[str, Any]:
     from appliance.bench.prefix import bench_prefix
 
-    model = _model(args)
-    if model is None:
-        return 2
-    return _print(bench_prefix(model, args.threads or default_threads(), args.system_tokens), args.json)
+    return bench_prefix(model, threads, a.system_tokens)
 
 
-def run_serve(args: argparse.Namespace) -> int:
+def _serve(model: str, threads: int, a: argparse.Namespace) -> dict[str, Any]:
     from appliance.bench.serve import bench_serve
 
-    model = _model(args)
-    if model is None:
-        return 2
-    return _print(bench_serve(model, args.threads or default_threads(), tuple(args.concurrency)), args.json)
+    return bench_serve(model, threads, tuple(a.concurrency))
 
 
-def run_context(args: argparse.Namespace) -> int:
+def _context(model: str, threads: int, a: argparse.Namespace) -> dict[str, Any]:
     from appliance.bench.context import bench_context
 
-    model = _model(args)
-    if model is None:
-        return 2
-    res = bench_context(model, args.threads or default_threads(), args.turns, args.max_tokens, args.budget)
-    if not args.json:
-        res.pop("per_turn", None)
-    return _print(res, args.json)
+    return bench_context(model, threads, a.turns, a.max_tokens, a.budget)

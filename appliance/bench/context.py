@@ -118,7 +118,7 @@ class _SummarizerLedger:
     async def generate(self, tokens: Sequence[int], options: SamplingOptions) -> AsyncIterator[Chunk]:
         call = _Counted()
         started = False
-        async for chunk in self.backend.generate(tokens, options):  # as the pipeline wires it: tenant ""
+        async for chunk in self.backend.generate(tokens, options):  # as the pipeline wires it: no tenant
             if not started:
                 started = True
                 call.prompt_tokens = len(tokens)

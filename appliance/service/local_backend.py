@@ -9,6 +9,7 @@ last chunk (`cached_tokens`), from the tenant-salted prefix cache.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 
@@ -61,10 +62,14 @@ class LocalBackend:
         return self.engine.apply_chat_template(messages)
 
     async def generate(
-        self, tokens: Sequence[int], options: SamplingOptions, *, tenant: str = ""
+        self, tokens: Sequence[int], options: SamplingOptions, *, tenant: str | None = None
     ) -> AsyncIterator[Chunk]:
-        """Stream the continuation of `tokens`. Raises ValueError (overflow, bad options) up front."""
-        async for chunk in self.engine.generate(list(tokens), options, tenant=tenant):
+        """Stream the continuation of `tokens`. Raises ValueError (overflow, bad options) up front.
+
+        `tenant` namespaces the prefix cache; a call without one (the summarizer's) gets a namespace of
+        its own, so nothing it leaves in the cache can serve, or be timed by, another tenant."""
+        namespace = tenant if tenant is not None else f"private:{uuid.uuid4().hex}"
+        async for chunk in self.engine.generate(list(tokens), options, tenant=namespace):
             yield chunk
 
     def close(self) -> None:

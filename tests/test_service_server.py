@@ -43,6 +43,13 @@ def server(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ser
     assert srv.stop() == 0
 
 
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
 def _code(e: pytest.ExceptionInfo[grpc.RpcError]) -> grpc.StatusCode:
     code: grpc.StatusCode = e.value.code()
     return code
@@ -186,11 +193,15 @@ def test_overload_answers_resource_exhausted(server: ServerProcess) -> None:
         except grpc.RpcError as e:
             return e.code().name, {str(md.key): str(md.value) for md in e.trailing_metadata() or ()}
 
+    rss_before = _rss_mb(server.proc.pid)
     clients = [server.client() for _ in range(8)]
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(one, clients))
+        for _ in range(3):  # more bursts (the barrier resets itself): refused requests must not pile up
+            list(pool.map(one, clients))
     for c in clients:
         c.close()
+    assert _rss_mb(server.proc.pid) - rss_before < 64, "memory grew under overload"
     refused = [md for code, md in results if code == "RESOURCE_EXHAUSTED"]
     assert len(refused) >= 5 and all(md.get("retry-after-ms") == "1000" for md in refused), results
     assert sum(code == "OK" for code, _ in results) >= 1

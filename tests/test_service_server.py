@@ -264,3 +264,19 @@ def test_history_survives_restart_and_drain_finishes_streams(tiny: Path, tmp_pat
     roles = [r for (r,) in db.execute("SELECT role FROM messages WHERE session_id='s' ORDER BY idx")]
     assert roles == ["user", "assistant", "user", "assistant"]
     assert db.execute("SELECT system FROM sessions").fetchone() == ("be brief",)
+
+
+def test_chat_cli_talks_to_the_server(server: ServerProcess) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "appliance", "chat", "--target", server.unix_target, "--max-tokens", "4"],
+        input="hello there\nand again\nexit\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.count(" prompt (") == 2  # one usage line per turn
+    assert "session " in out.stderr

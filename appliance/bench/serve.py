@@ -25,10 +25,11 @@ CONCURRENCY = (1, 4, 8, 16)
 MAX_TOKENS = 16
 
 
-def _prompts(n: int) -> list[str]:
+def _prompts(n: int, round_id: int) -> list[str]:
+    """Distinct prompts whose first tokens differ, so no round reuses another's cached prefix blocks."""
     topics = ["my card", "a transfer", "the app", "my pin", "a refund", "my account", "exchange rates", "fees"]
     return [
-        f"Customer question {k}: I have a problem with {topics[k % len(topics)]}. What should I do?" for k in range(n)
+        f"Ticket {round_id}-{k}: I have a problem with {topics[k % len(topics)]}. What should I do?" for k in range(n)
     ]
 
 
@@ -56,7 +57,7 @@ def _direct(model: str, threads: int, c: int, prompts: list[str]) -> dict[str, f
             latencies.append(time.perf_counter() - t0)
 
     async def main() -> float:
-        await client(_prompts(1))  # warm-up
+        await client(_prompts(1, -1))  # warm-up
         latencies.clear()
         t0 = time.perf_counter()
         await asyncio.gather(*(client(prompts[i::c]) for i in range(c)))
@@ -126,7 +127,7 @@ def _service(target: str, c: int, prompts: list[str]) -> dict[str, float]:
                 cl.generate(prompt=p, max_tokens=MAX_TOKENS, temperature=0.0, cache_policy=1, timeout=300)
                 latencies.append(time.perf_counter() - t0)
 
-    client(_prompts(1))  # warm-up
+    client(_prompts(1, -1))  # warm-up
     latencies.clear()
     t0 = time.perf_counter()
     with ThreadPoolExecutor(c) as pool:
@@ -146,13 +147,13 @@ def bench_serve(model: str, threads: int, concurrency: tuple[int, ...] = CONCURR
         proc = _start_server(model, threads, Path(tmp))
         try:
             for c in concurrency:
-                rows["service"].append(_service(f"unix:{Path(tmp) / 's.sock'}", c, _prompts(max(8, 4 * c))))
+                rows["service"].append(_service(f"unix:{Path(tmp) / 's.sock'}", c, _prompts(max(8, 4 * c), c)))
                 print(f"  c={c} service: {rows['service'][-1]}", file=sys.stderr, flush=True)
         finally:
             proc.terminate()
             proc.wait(60)
     for c in concurrency:
-        rows["engine"].append(_direct(model, threads, c, _prompts(max(8, 4 * c))))
+        rows["engine"].append(_direct(model, threads, c, _prompts(max(8, 4 * c), c)))
         print(f"  c={c} engine: {rows['engine'][-1]}", file=sys.stderr, flush=True)
     for side in ("service", "engine"):
         for key in ("rps", "p50_ms", "p99_ms"):

@@ -18,7 +18,7 @@ import asyncio
 import os
 import queue
 import threading
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -49,6 +49,14 @@ class _Submit:
 @dataclass
 class _Cancel:
     request_id: int
+
+
+@dataclass
+class _Call:
+    """Run `fn` on the engine thread (the native engine is single-threaded) and hand back its result."""
+
+    fn: Callable[[], int]
+    reply: Future[int]
 
 
 class AsyncEngine:
@@ -83,7 +91,7 @@ class AsyncEngine:
             eog_tokens=eog,
             model_key=path,
         )
-        self._commands: queue.SimpleQueue[_Submit | _Cancel | _Nothing | None] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Submit | _Cancel | _Call | _Nothing | None] = queue.SimpleQueue()
         self._streams: dict[int, _Submit] = {}
         self._stats: dict[str, int] = dict(self._native.stats())
         self._closed = False
@@ -154,6 +162,22 @@ class AsyncEngine:
             if not finished:
                 self._commands.put(_Cancel(request_id))
 
+    def save_prefix(self, tokens: Sequence[int], path: str | os.PathLike[str], *, tenant: str = "") -> int:
+        """Write the cached K/V of the full blocks starting `tokens` (a system prompt, say) to `path`, so a
+        restarted engine can `load_prefix` it; returns the tokens saved (0 if none are cached)."""
+        return self._call(lambda: int(self._native.save_prefix(list(tokens), tenant=tenant, path=os.fspath(path))))
+
+    def load_prefix(self, path: str | os.PathLike[str]) -> int:
+        """Load a saved prefix into the prefix cache; returns the tokens loaded."""
+        return self._call(lambda: int(self._native.load_prefix(os.fspath(path))))
+
+    def _call(self, fn: Callable[[], int]) -> int:
+        if self._closed:
+            raise RuntimeError("engine is closed")
+        reply: Future[int] = Future()
+        self._commands.put(_Call(fn, reply))
+        return reply.result()
+
     def close(self) -> None:
         """Stop the engine thread; requests still running end with an error."""
         if not self._closed:
@@ -167,7 +191,7 @@ class AsyncEngine:
         while True:
             try:
                 # block while idle; otherwise only take what is queued before the next step
-                cmd: _Submit | _Cancel | _Nothing | None = self._commands.get(block=self._native.idle)
+                cmd: _Submit | _Cancel | _Call | _Nothing | None = self._commands.get(block=self._native.idle)
             except queue.Empty:
                 cmd = _NOTHING
             while not isinstance(cmd, _Nothing):
@@ -183,7 +207,13 @@ class AsyncEngine:
             if not self._native.idle:
                 self._step()
 
-    def _handle(self, cmd: _Submit | _Cancel) -> None:
+    def _handle(self, cmd: _Submit | _Cancel | _Call) -> None:
+        if isinstance(cmd, _Call):
+            try:
+                cmd.reply.set_result(cmd.fn())
+            except Exception as e:
+                cmd.reply.set_exception(e)
+            return
         if isinstance(cmd, _Submit):
             o = cmd.options
             try:

@@ -244,3 +244,66 @@ def test_block_size_that_does_not_divide_the_attention_span(tiny_model: Callable
     ctx = _native.Context(_native.Model(str(path)), n_ctx=512)
     alone = run_all(engine, [prompts[0]], 48, tenant="alone")[0]
     assert alone[:8] == ours_greedy(ctx, prompts[0], 8)
+
+
+def test_hot_prefix_survives_a_restart(tiny_model: Callable[..., Path], tmp_path: Path) -> None:
+    path = tiny_model("gemma3", "F32")
+    vocab = _native.Vocab(str(path))
+    system = list(vocab.tokenize("you are a helpful assistant for the bank; answer briefly and politely " * 3))
+    prompt = system + list(vocab.tokenize("where is my card", add_special=False))
+
+    first = _native.BatchEngine(_native.Model(str(path)), n_blocks=64, block_size=16, model_key="m")
+    cold = run_all(first, [prompt], 12, tenant="acme")[0]
+    saved = first.save_prefix(system, tenant="acme", path=str(tmp_path / "acme.prefix"))
+    assert saved == len(system) // 16 * 16 > 0
+
+    # a new engine (a restart) loads it: the same tenant's request hits, another tenant's does not
+    second = _native.BatchEngine(_native.Model(str(path)), n_blocks=64, block_size=16, model_key="m")
+    assert second.load_prefix(str(tmp_path / "acme.prefix")) == saved
+
+    def cached(engine: _native.BatchEngine, tenant: str) -> tuple[int, list[int]]:
+        engine.submit(prompt, max_tokens=12, temperature=0.0, stop_at_eog=False, tenant=tenant)
+        n, out = 0, []
+        while not engine.idle:
+            for _r, toks, finish, _np, n_cached in engine.step():
+                out += toks
+                n = n_cached if finish else n
+        return n, out
+
+    n_hit, warm = cached(second, "acme")
+    assert n_hit == saved and warm == cold
+    assert cached(second, "globex")[0] == 0
+    assert second.check_invariants() == ""
+    with pytest.raises(_native.ModelFormatError, match="not for this model"):
+        other = tiny_model("llama", "F32")
+        _native.BatchEngine(_native.Model(str(other)), n_blocks=64, block_size=16).load_prefix(
+            str(tmp_path / "acme.prefix")
+        )
+    (tmp_path / "cut.prefix").write_bytes((tmp_path / "acme.prefix").read_bytes()[:-100])
+    with pytest.raises(_native.ModelFormatError, match="truncated"):
+        _native.BatchEngine(_native.Model(str(path)), n_blocks=64, block_size=16, model_key="m").load_prefix(
+            str(tmp_path / "cut.prefix")
+        )
+
+
+def test_async_engine_saves_and_loads_prefixes(tiny_model: Callable[..., Path], tmp_path: Path) -> None:
+    path = tiny_model("qwen3", "Q8_0")
+    system = "system prompt: be concise and polite with every customer " * 3
+    first = AsyncEngine(path, n_blocks=64, n_threads=1)
+    try:
+
+        async def once(engine: AsyncEngine) -> int:
+            chunks = [c async for c in engine.generate(system + "hi", SamplingOptions(temperature=0.0, max_tokens=2))]
+            return chunks[-1].cached_tokens
+
+        assert asyncio.run(once(first)) == 0
+        saved = first.save_prefix(first.tokenize(system), tmp_path / "p.bin")
+        assert saved > 0
+    finally:
+        first.close()
+    second = AsyncEngine(path, n_blocks=64, n_threads=1)
+    try:
+        assert second.load_prefix(tmp_path / "p.bin") == saved
+        assert asyncio.run(once(second)) >= saved
+    finally:
+        second.close()

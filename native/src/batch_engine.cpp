@@ -4,6 +4,8 @@
 #include "model.h"
 
 #include <algorithm>
+#include <cstdio>
+#include <cstring>
 
 namespace appliance {
 
@@ -47,6 +49,10 @@ BatchEngine::BatchEngine(const Model & model, const BatchEngineParams & params)
       runner_(model, blocks_.n_blocks() * params.block_size, params.max_batched_tokens, params.n_threads),
       eog_(params.eog_tokens.begin(), params.eog_tokens.end()) {}
 
+uint64_t BatchEngine::salt_for(const std::string & tenant) const {
+    return fnv1a(params_.model_key) ^ (fnv1a(tenant) * 0x9e3779b97f4a7c15ull);
+}
+
 int64_t BatchEngine::submit(const Request & r) {
     APPL_REQUIRE(!r.prompt.empty(), InvalidArgument, "prompt is empty");
     APPL_REQUIRE(r.max_tokens > 0, InvalidArgument, "max_tokens must be positive");
@@ -61,8 +67,7 @@ int64_t BatchEngine::submit(const Request & r) {
         throw ContextOverflowError("prompt of " + std::to_string(r.prompt.size()) + " tokens does not fit: the longest "
                                    "sequence is " + std::to_string(max_seq_len()) + " tokens (prompt and output)");
     }
-    const uint64_t salt = fnv1a(params_.model_key) ^ (fnv1a(r.tenant) * 0x9e3779b97f4a7c15ull);
-    auto seq = std::make_unique<Sequence>(next_id_++, r.prompt, salt, r.sampling, n_vocab);
+    auto seq = std::make_unique<Sequence>(next_id_++, r.prompt, salt_for(r.tenant), r.sampling, n_vocab);
     seq->max_tokens  = r.max_tokens;
     seq->stop_at_eog = r.stop_at_eog;
     Sequence * s = seq.get();
@@ -179,6 +184,118 @@ BatchEngine::Stats BatchEngine::stats() const {
     s.kv_bytes             = runner_.kv_bytes();
     s.kv_bytes_per_token   = kv_bytes_per_token(model_);
     return s;
+}
+
+namespace {
+
+constexpr char kPrefixMagic[8] = {'A', 'P', 'L', 'P', 'F', 'X', '0', '1'};
+
+struct PrefixHeader {
+    char     magic[8];
+    uint64_t model;       // hash of the engine's model key: a file loads only into the same model
+    uint64_t salt;        // model key and tenant
+    uint32_t block_size;
+    uint32_t n_layer;
+    uint32_t n_embd_k;
+    uint32_t n_embd_v;
+    uint32_t n_blocks;
+    uint32_t reserved;
+};
+
+}  // namespace
+
+uint32_t BatchEngine::save_prefix(const std::vector<int32_t> & tokens, const std::string & tenant, const std::string & path) {
+    const uint32_t bs   = blocks_.block_size();
+    const uint64_t salt = salt_for(tenant);
+    std::vector<uint64_t> hashes;
+    std::vector<int32_t>  held = blocks_.match_prefix(tokens, salt, static_cast<uint32_t>(tokens.size() / bs), hashes);
+    const KvStorage &     kv   = runner_.kv();
+    const HParams &       hp   = model_.hp;
+    PrefixHeader h{};
+    std::memcpy(h.magic, kPrefixMagic, sizeof(h.magic));
+    h.model      = fnv1a(params_.model_key);
+    h.salt       = salt;
+    h.block_size = bs;
+    h.n_layer    = hp.n_layer;
+    h.n_embd_k   = hp.n_embd_k_gqa();
+    h.n_embd_v   = hp.n_embd_v_gqa();
+    h.n_blocks   = static_cast<uint32_t>(held.size());
+    std::FILE * f = std::fopen((path + ".tmp").c_str(), "wb");
+    if (f == nullptr) {
+        blocks_.release(held);
+        throw RuntimeFailure("cannot write " + path);
+    }
+    bool ok = std::fwrite(&h, sizeof(h), 1, f) == 1 && std::fwrite(tokens.data(), sizeof(int32_t), held.size() * bs, f) == held.size() * bs;
+    std::vector<uint8_t> buf;
+    for (int32_t b : held) {
+        for (uint32_t il = 0; ok && il < hp.n_layer; ++il) {
+            for (ggml_tensor * t : {kv.k(il), kv.v(il)}) {
+                const size_t row = ggml_row_size(t->type, t->ne[0]);
+                buf.resize(row * bs);
+                ggml_backend_tensor_get(t, buf.data(), static_cast<size_t>(b) * bs * row, buf.size());
+                ok = ok && std::fwrite(buf.data(), 1, buf.size(), f) == buf.size();
+            }
+        }
+    }
+    ok = std::fclose(f) == 0 && ok;
+    blocks_.release(held);
+    if (!ok || std::rename((path + ".tmp").c_str(), path.c_str()) != 0) {
+        std::remove((path + ".tmp").c_str());
+        throw RuntimeFailure("cannot write " + path);
+    }
+    return static_cast<uint32_t>(held.size()) * bs;
+}
+
+uint32_t BatchEngine::load_prefix(const std::string & path) {
+    std::FILE * f = std::fopen(path.c_str(), "rb");
+    if (f == nullptr) {
+        throw ModelFormatError("cannot open prefix file " + path);
+    }
+    const HParams & hp = model_.hp;
+    PrefixHeader h{};
+    const uint32_t bs = blocks_.block_size();
+    if (std::fread(&h, sizeof(h), 1, f) != 1 || std::memcmp(h.magic, kPrefixMagic, sizeof(h.magic)) != 0 ||
+        h.model != fnv1a(params_.model_key) || h.block_size != bs ||
+        h.n_layer != hp.n_layer || h.n_embd_k != hp.n_embd_k_gqa() || h.n_embd_v != hp.n_embd_v_gqa() ||
+        h.n_blocks > blocks_.n_blocks()) {
+        std::fclose(f);
+        throw ModelFormatError("prefix file " + path + " is not for this model and block size");
+    }
+    std::vector<int32_t> tokens(static_cast<size_t>(h.n_blocks) * bs);
+    if (std::fread(tokens.data(), sizeof(int32_t), tokens.size(), f) != tokens.size()) {
+        std::fclose(f);
+        throw ModelFormatError("prefix file " + path + " is truncated");
+    }
+    // at most as many blocks as are free (the oldest cached ones may be evicted to make room)
+    const uint32_t n = std::min(h.n_blocks, blocks_.n_free());
+    const KvStorage & kv = runner_.kv();
+    std::vector<int32_t> held;
+    std::vector<uint8_t> buf;
+    uint64_t parent = 0;
+    bool     ok     = true;
+    for (uint32_t i = 0; i < n && ok; ++i) {
+        const int32_t b = blocks_.allocate();
+        held.push_back(b);
+        for (uint32_t il = 0; ok && il < hp.n_layer; ++il) {
+            for (ggml_tensor * t : {kv.k(il), kv.v(il)}) {
+                const size_t row = ggml_row_size(t->type, t->ne[0]);
+                buf.resize(row * bs);
+                ok = ok && std::fread(buf.data(), 1, buf.size(), f) == buf.size();
+                if (ok) ggml_backend_tensor_set(t, buf.data(), static_cast<size_t>(b) * bs * row, buf.size());
+            }
+        }
+        if (ok) {
+            const int32_t * toks = tokens.data() + static_cast<size_t>(i) * bs;
+            parent = BlockManager::hash_block(parent, toks, bs, h.salt);
+            blocks_.register_full(b, parent, toks);
+        }
+    }
+    std::fclose(f);
+    blocks_.release(held);  // cached and free: reused on a hit, evicted in LRU order
+    if (!ok) {
+        throw ModelFormatError("prefix file " + path + " is truncated");
+    }
+    return n * bs;
 }
 
 std::string BatchEngine::check_invariants() const { return blocks_.check(sched_.holders()); }

@@ -71,12 +71,20 @@ public:
         size_t   kv_bytes, kv_bytes_per_token;
     };
     Stats stats() const;
+    // Hot prefixes across restarts: writes the K/V of the cached full blocks that start `tokens` under
+    // `tenant` to `path` (returns how many tokens were saved), and reads such a file back into the
+    // prefix cache (returns the tokens loaded; 0 when the cache lacks room). A file from another
+    // model or block size is refused with ModelFormatError.
+    uint32_t save_prefix(const std::vector<int32_t> & tokens, const std::string & tenant, const std::string & path);
+    uint32_t load_prefix(const std::string & path);
+
     // Block-pool invariants (every block free or held, ref counts match); "" when they hold.
     std::string check_invariants() const;
     const Timings & timings() const { return runner_.timings(); }
 
 private:
     static uint32_t n_blocks_for(const Model & m, const BatchEngineParams & p);
+    uint64_t        salt_for(const std::string & tenant) const;
     void            finish(Sequence * s, const std::string & reason, std::vector<Event> & events);
     void            register_full_blocks(Sequence & s);
 

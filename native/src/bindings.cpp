@@ -249,6 +249,18 @@ PYBIND11_MODULE(_native, m) {
                  d["kv_bytes_per_token"]   = s.kv_bytes_per_token;
                  return d;
              })
+        .def("save_prefix", [](BatchEngine & e, const py::handle & tokens, const std::string & tenant, const std::string & path) {
+                 std::vector<int32_t> t = as_tokens(tokens);
+                 py::gil_scoped_release release;
+                 return e.save_prefix(t, tenant, path);
+             },
+             py::arg("tokens"), py::kw_only(), py::arg("tenant") = "", py::arg("path"),
+             "Write the cached K/V of the full blocks that start `tokens` (for `tenant`) to `path`; returns the tokens saved.")
+        .def("load_prefix", [](BatchEngine & e, const std::string & path) {
+                 py::gil_scoped_release release;
+                 return e.load_prefix(path);
+             },
+             py::arg("path"), "Read a saved prefix into the prefix cache; returns the tokens loaded.")
         .def("timings", [](const BatchEngine & e) { return timings_dict(e.timings()); },
              "Cumulative time of forward passes by phase, in microseconds.")
         .def("check_invariants", &BatchEngine::check_invariants,

@@ -48,6 +48,7 @@ public:
     size_t          compute_bytes() const;
     const Timings & timings() const { return timings_; }
     const Model &   model() const { return model_; }
+    const KvStorage & kv() const { return kv_; }
 
 private:
     // A built and allocated graph with its input tensors. Kept between passes: a pass of the same

@@ -202,6 +202,21 @@ struct PrefixHeader {
     uint32_t reserved;
 };
 
+// Calls io(tensor, byte offset, bytes) for the K and V rows of one block in every layer, in the
+// order prefix files store them.
+template <typename F>
+bool for_block_rows(const KvStorage & kv, uint32_t n_layer, int32_t block, uint32_t bs, F && io) {
+    for (uint32_t il = 0; il < n_layer; ++il) {
+        for (ggml_tensor * t : {kv.k(il), kv.v(il)}) {
+            const size_t row = ggml_row_size(t->type, t->ne[0]);
+            if (!io(t, static_cast<size_t>(block) * bs * row, row * bs)) {
+                return false;
+            }
+        }
+    }
+    return true;
+}
+
 }  // namespace
 
 uint32_t BatchEngine::save_prefix(const std::vector<int32_t> & tokens, const std::string & tenant, const std::string & path) {
@@ -228,14 +243,11 @@ uint32_t BatchEngine::save_prefix(const std::vector<int32_t> & tokens, const std
     bool ok = std::fwrite(&h, sizeof(h), 1, f) == 1 && std::fwrite(tokens.data(), sizeof(int32_t), held.size() * bs, f) == held.size() * bs;
     std::vector<uint8_t> buf;
     for (int32_t b : held) {
-        for (uint32_t il = 0; ok && il < hp.n_layer; ++il) {
-            for (ggml_tensor * t : {kv.k(il), kv.v(il)}) {
-                const size_t row = ggml_row_size(t->type, t->ne[0]);
-                buf.resize(row * bs);
-                ggml_backend_tensor_get(t, buf.data(), static_cast<size_t>(b) * bs * row, buf.size());
-                ok = ok && std::fwrite(buf.data(), 1, buf.size(), f) == buf.size();
-            }
-        }
+        ok = ok && for_block_rows(kv, hp.n_layer, b, bs, [&](ggml_tensor * t, size_t off, size_t bytes) {
+            buf.resize(bytes);
+            ggml_backend_tensor_get(t, buf.data(), off, bytes);
+            return std::fwrite(buf.data(), 1, bytes, f) == bytes;
+        });
     }
     ok = std::fclose(f) == 0 && ok;
     blocks_.release(held);
@@ -276,14 +288,12 @@ uint32_t BatchEngine::load_prefix(const std::string & path) {
     for (uint32_t i = 0; i < n && ok; ++i) {
         const int32_t b = blocks_.allocate();
         held.push_back(b);
-        for (uint32_t il = 0; ok && il < hp.n_layer; ++il) {
-            for (ggml_tensor * t : {kv.k(il), kv.v(il)}) {
-                const size_t row = ggml_row_size(t->type, t->ne[0]);
-                buf.resize(row * bs);
-                ok = ok && std::fread(buf.data(), 1, buf.size(), f) == buf.size();
-                if (ok) ggml_backend_tensor_set(t, buf.data(), static_cast<size_t>(b) * bs * row, buf.size());
-            }
-        }
+        ok = for_block_rows(kv, hp.n_layer, b, bs, [&](ggml_tensor * t, size_t off, size_t bytes) {
+            buf.resize(bytes);
+            if (std::fread(buf.data(), 1, bytes, f) != bytes) return false;
+            ggml_backend_tensor_set(t, buf.data(), off, bytes);
+            return true;
+        });
         if (ok) {
             const int32_t * toks = tokens.data() + static_cast<size_t>(i) * bs;
             parent = BlockManager::hash_block(parent, toks, bs, h.salt);

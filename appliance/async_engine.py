@@ -102,15 +102,12 @@ class AsyncEngine:
     def max_seq_len(self) -> int:
         return int(self._native.max_seq_len)
 
-    def tokenize(self, text: str | bytes, *, add_special: bool = True) -> list[int]:
-        return list(self.vocab.tokenize(to_utf8(text), add_special=add_special))
+    def tokenize(self, text: str | bytes, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        """parse_special=True reads control tokens written as text (<start_of_turn>, ...) as such."""
+        return list(self.vocab.tokenize(to_utf8(text), add_special=add_special, parse_special=parse_special))
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, str]], *, add_assistant: bool = True) -> str:
         return render_chat(self.vocab, self.model.arch, messages, add_assistant=add_assistant)
-
-    def tokenize_special(self, text: str | bytes, *, add_special: bool = True) -> list[int]:
-        """Tokenize with control tokens (<start_of_turn>, ...) written as text parsed as such."""
-        return list(self.vocab.tokenize(to_utf8(text), add_special=add_special, parse_special=True))
 
     def stats(self) -> dict[str, int]:
         """Block pool, prefix cache and scheduler counters as of the last step."""

@@ -27,9 +27,9 @@ def ours(model: str, threads: int, c: int, n_prompt: int, n_gen: int) -> dict[st
     from appliance import _native
 
     m = _native.Model(model)
-    engine = _native.BatchEngine(
-        m, kv_cache_mb=max(64, c * (n_prompt + n_gen) * 18432 // 2**20 + 32), max_seqs=max(16, c), n_threads=threads
-    )
+    kv_per_token = m.n_layer * 2 * m.n_head_kv * m.head_dim * 2  # K and V, F16
+    kv_mb = max(64, c * (n_prompt + n_gen) * kv_per_token // 2**20 + 32)
+    engine = _native.BatchEngine(m, kv_cache_mb=kv_mb, max_seqs=max(16, c), n_threads=threads)
     engine.submit(random_tokens(m.n_vocab, 16, 99), max_tokens=4, stop_at_eog=False)  # warm-up
     while not engine.idle:
         engine.step()

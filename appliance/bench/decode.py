@@ -16,8 +16,7 @@ import sys
 import time
 from typing import Any
 
-from appliance.bench.common import random_tokens as _tokens
-from appliance.bench.common import run_child
+from appliance.bench.common import random_tokens, run_child
 
 
 def run_ours(model: str, threads: int, n_prompt: int, n_gen: int) -> dict[str, float]:
@@ -25,8 +24,8 @@ def run_ours(model: str, threads: int, n_prompt: int, n_gen: int) -> dict[str, f
 
     m = _native.Model(model)
     ctx = _native.Context(m, n_ctx=n_prompt + n_gen + 16, n_ubatch=n_prompt, n_threads=threads)
-    prompt = _tokens(m.n_vocab, n_prompt, 0)
-    gen = _tokens(m.n_vocab, n_gen, 1)
+    prompt = random_tokens(m.n_vocab, n_prompt, 0)
+    gen = random_tokens(m.n_vocab, n_gen, 1)
     ctx.decode(prompt[:32])  # warm-up: touch the weights, size the compute buffers
     ctx.decode(gen[:4])
     ctx.truncate(0)
@@ -55,8 +54,8 @@ def run_ref(model: str, threads: int, n_prompt: int, n_gen: int) -> dict[str, fl
     )
     ctx = llm._ctx.ctx
     n_vocab = llm.n_vocab()
-    prompt = _tokens(n_vocab, n_prompt, 0)
-    gen = _tokens(n_vocab, n_gen, 1)
+    prompt = random_tokens(n_vocab, n_prompt, 0)
+    gen = random_tokens(n_vocab, n_gen, 1)
     batch = llama_cpp.llama_batch_init(n_prompt, 0, 1)
 
     def decode(tokens: list[int], pos0: int) -> None:

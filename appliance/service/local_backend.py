@@ -44,7 +44,7 @@ class LocalBackend:
         return cls(engine, model_path.stem, n_ctx)
 
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
-        return self.engine.tokenize_special(text, add_special=add_special)
+        return self.engine.tokenize(text, add_special=add_special, parse_special=True)
 
     def tokenize_chat(self, rendered: str) -> list[int]:
         """Tokens of a rendered chat prompt, starting with BOS when the model wants one: templates that

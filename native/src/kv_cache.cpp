@@ -3,7 +3,6 @@
 #include "error.h"
 #include "model.h"
 
-#include <cassert>
 
 namespace appliance {
 
@@ -36,39 +35,5 @@ KvStorage::~KvStorage() {
 }
 
 size_t KvStorage::bytes() const { return ggml_backend_buffer_get_size(buf_); }
-
-uint32_t KvCells::used_end() const {
-    for (uint32_t c = size(); c > 0; --c) {
-        if (pos_[c - 1] >= 0) {
-            return c;
-        }
-    }
-    return 0;
-}
-
-uint32_t KvCells::n_used() const {
-    uint32_t n = 0;
-    for (int32_t p : pos_) {
-        n += p >= 0;
-    }
-    return n;
-}
-
-void KvCells::set(uint32_t c, int32_t pos, int32_t seq) {
-    assert(c < size() && pos >= 0 && seq >= 0);
-    pos_[c] = pos;
-    seq_[c] = seq;
-}
-
-void KvCells::free(uint32_t c) {
-    assert(c < size());
-    pos_[c] = -1;
-    seq_[c] = -1;
-}
-
-void KvCells::free_all() {
-    std::fill(pos_.begin(), pos_.end(), -1);
-    std::fill(seq_.begin(), seq_.end(), -1);
-}
 
 }  // namespace appliance

@@ -10,6 +10,9 @@ queue, runs `step()` (schedule -> one batched forward pass -> sample; the GIL is
 computes) and hands each request's new tokens to its caller's event loop. A caller that stops
 iterating (client gone, deadline, stop string) cancels its request, which frees its KV blocks at
 once. Prompt prefixes are reused across requests of the same tenant through the prefix cache.
+
+Early exit (SamplingOptions.early_exit) needs the model's calibration (`appliance models
+calibrate-exit`), stored next to the model file and loaded here when present.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ import threading
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 from appliance import _native
-from appliance.engine import Chunk, ContextOverflowError, default_threads, render_chat, to_utf8
+from appliance.early_exit import ExitCalibration, load_calibration
+from appliance.engine import Chunk, ContextOverflowError, DecodeStats, default_threads, render_chat, to_utf8
 from appliance.sampling import SamplingOptions
 from appliance.textstream import TextStream
 
@@ -34,6 +39,29 @@ class _Event:
     finish_reason: str
     n_prompt: int
     n_cached: int
+    layers_run: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    exit_layers: tuple[int, ...] = ()
+
+
+class _Tally:
+    """A request's decode statistics, summed over its events."""
+
+    def __init__(self) -> None:
+        self.tokens = self.layers = self.drafted = self.accepted = 0
+        self.exits: dict[int, int] = {}
+
+    def add(self, ev: _Event) -> None:
+        self.tokens += len(ev.exit_layers)
+        self.layers += ev.layers_run
+        self.drafted += ev.drafted
+        self.accepted += ev.accepted
+        for at in ev.exit_layers:
+            self.exits[at] = self.exits.get(at, 0) + 1
+
+    def stats(self) -> DecodeStats:
+        return DecodeStats(self.tokens, self.layers, self.drafted, self.accepted, tuple(sorted(self.exits.items())))
 
 
 @dataclass
@@ -71,7 +99,11 @@ class AsyncEngine:
         max_seqs: int = 16,
         n_threads: int | None = None,
         use_gpu: bool = True,
+        early_exit: bool = True,
+        draft_max: int = 8,
     ) -> None:
+        """early_exit: load the model's early-exit calibration when it has one (requests then choose
+        SamplingOptions.early_exit); draft_max: most tokens a lossless round drafts."""
         n_threads = default_threads() if n_threads is None else n_threads
         if n_threads <= 0:
             raise ValueError(f"n_threads must be positive, got {n_threads}")
@@ -80,6 +112,8 @@ class AsyncEngine:
         self.vocab = _native.Vocab(path)
         eog = [t for t in (self.vocab.eos, self.vocab.eot) if t >= 0]
         eog += [t for t in range(self.vocab.n_tokens) if t not in eog and self.vocab.is_eog(t)]
+        self.exit_calibration: ExitCalibration | None = load_calibration(path) if early_exit else None
+        cal = self.exit_calibration
         self._native = _native.BatchEngine(
             self.model,
             kv_cache_mb=kv_cache_mb,
@@ -90,10 +124,16 @@ class AsyncEngine:
             n_threads=n_threads,
             eog_tokens=eog,
             model_key=path,
+            exit_layers=cal.exit_layers if cal else [],
+            exit_thresholds=cal.thresholds if cal else [],
+            draft_exit_layer=cal.draft_exit_layer if cal else 0,
+            draft_max=draft_max,
         )
+        if cal is not None:
+            self._native.set_shortlist(cal.shortlist)
         self._commands: queue.SimpleQueue[_Submit | _Cancel | _Call | _Nothing | None] = queue.SimpleQueue()
         self._streams: dict[int, _Submit] = {}
-        self._stats: dict[str, int] = dict(self._native.stats())
+        self._stats: dict[str, Any] = dict(self._native.stats())
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="appliance-engine", daemon=True)
         self._thread.start()
@@ -109,7 +149,7 @@ class AsyncEngine:
     def apply_chat_template(self, messages: Sequence[Mapping[str, str]], *, add_assistant: bool = True) -> str:
         return render_chat(self.vocab, self.model.arch, messages, add_assistant=add_assistant)
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
         """Block pool, prefix cache and scheduler counters as of the last step."""
         return dict(self._stats)
 
@@ -123,6 +163,11 @@ class AsyncEngine:
         """Stream the continuation of `prompt`; leaving the loop early cancels the request."""
         opts = options or SamplingOptions()
         opts.validate()
+        if opts.early_exit != "off" and self.exit_calibration is None:
+            raise ValueError(
+                f"early_exit={opts.early_exit!r} needs the model's early-exit calibration: "
+                "run `appliance models calibrate-exit` for it"
+            )
         tokens = self.tokenize(prompt) if isinstance(prompt, str | bytes) else [int(t) for t in prompt]
         if not tokens:
             raise ValueError("prompt is empty")
@@ -137,6 +182,7 @@ class AsyncEngine:
         self._commands.put(sub)
         request_id = await asyncio.wrap_future(sub.reply)
         stream = TextStream(opts.stop)
+        tally = _Tally()
         finished = False
         try:
             while not finished:
@@ -144,17 +190,20 @@ class AsyncEngine:
                 if isinstance(ev, BaseException):
                     raise ev
                 finished = bool(ev.finish_reason)
+                tally.add(ev)
                 for i, tok in enumerate(ev.tokens):
                     text = stream.push(self.vocab.token_to_piece(tok))
                     if stream.stopped:
-                        yield Chunk(tok, text, "stop", ev.n_prompt, ev.n_cached)
+                        yield Chunk(tok, text, "stop", ev.n_prompt, ev.n_cached, tally.stats())
                         return
                     if finished and i == len(ev.tokens) - 1:
-                        yield Chunk(tok, text + stream.finish(), ev.finish_reason, ev.n_prompt, ev.n_cached)
+                        yield Chunk(
+                            tok, text + stream.finish(), ev.finish_reason, ev.n_prompt, ev.n_cached, tally.stats()
+                        )
                     else:
                         yield Chunk(tok, text)
                 if finished and not ev.tokens:
-                    yield Chunk(None, stream.finish(), ev.finish_reason, ev.n_prompt, ev.n_cached)
+                    yield Chunk(None, stream.finish(), ev.finish_reason, ev.n_prompt, ev.n_cached, tally.stats())
         finally:
             if not finished:
                 self._commands.put(_Cancel(request_id))
@@ -226,6 +275,8 @@ class AsyncEngine:
                         repeat_last_n=o.repeat_last_n,
                         seed=o.seed,
                         tenant=cmd.tenant,
+                        exit_mode=o.early_exit,
+                        exit_threshold=o.exit_threshold,
                     )
                 )
             except (ValueError, RuntimeError) as e:
@@ -244,13 +295,23 @@ class AsyncEngine:
             self._fail_all(e)
             return
         self._stats = dict(self._native.stats())
-        for rid, tokens, finish, n_prompt, n_cached in events:
-            sub = self._streams.get(rid)
+        for native_ev in events:
+            sub = self._streams.get(native_ev.id)
             if sub is None:
                 continue
-            if finish:
-                del self._streams[rid]
-            sub.loop.call_soon_threadsafe(sub.events.put_nowait, _Event(list(tokens), finish, n_prompt, n_cached))
+            if native_ev.finish_reason:
+                del self._streams[native_ev.id]
+            ev = _Event(
+                list(native_ev.tokens),
+                native_ev.finish_reason,
+                native_ev.n_prompt,
+                native_ev.n_prompt_cached,
+                native_ev.layers_run,
+                native_ev.n_drafted,
+                native_ev.n_accepted,
+                tuple(native_ev.exit_layers),
+            )
+            sub.loop.call_soon_threadsafe(sub.events.put_nowait, ev)
 
     def _fail_all(self, error: BaseException) -> None:
         for rid, sub in list(self._streams.items()):

@@ -27,6 +27,8 @@ examples:
   appliance models pull all-minilm-l6-v2 provision one model
   appliance models path gemma3-270m-q4km print where a model file is
   appliance models verify                re-read the files and check their sha256
+  appliance models calibrate-exit gemma3-270m-q4km
+                                         measure where the model may exit early (minutes)
 
 exit status: 0 success, 1 a model is missing/corrupt or could not be provisioned,
 2 bad usage or invalid manifest."""
@@ -86,6 +88,32 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("names", nargs="*", metavar="NAME", help="models to verify")
     p.set_defaults(func=cmd_verify)
+
+    p = actions.add_parser(
+        "calibrate-exit",
+        help="calibrate early exit for a generation model (shortlist, exit layers, thresholds)",
+        description="Let the model continue a corpus of prompts at full depth, then measure, after a few "
+        "candidate exit layers, how often a cheap shortlisted head already picks the full model's token and "
+        "how confident it is. Chooses per exit layer the lowest confidence threshold whose exits agree with "
+        "the full model at least --target of the time (a quarter of the prompts are held out to report "
+        "what that gives), and stores the result next to the model file as <model>.exit.json, where the "
+        "engine finds it. Needed by both early-exit modes (lossless and adaptive).",
+    )
+    p.add_argument("name", metavar="MODEL", help="manifest name or .gguf path of the model")
+    p.add_argument(
+        "--corpus",
+        type=Path,
+        metavar="FILE",
+        help="prompts, one per line (default: the calibration prompts shipped with appliance); "
+        "prompts like your traffic give a better shortlist",
+    )
+    p.add_argument("--target", type=float, default=0.95, help="token agreement with full depth to keep (0.95)")
+    p.add_argument("--shortlist", type=int, default=16384, help="tokens in the shortlisted head (16384)")
+    p.add_argument("--tokens", type=int, default=64, help="tokens generated per prompt (64)")
+    p.add_argument("--draft-exit-layer", type=int, default=0, help="lossless draft exits after this layer (0: none)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: all available)")
+    p.add_argument("--json", action="store_true", help="print the calibration as JSON")
+    p.set_defaults(func=cmd_calibrate_exit)
 
 
 def _error(message: str) -> None:
@@ -182,3 +210,35 @@ def cmd_verify(args: argparse.Namespace, manifest: Manifest) -> int:
             detail += f" (got {result.sha256}, expected {spec.sha256})"
         print(f"FAILED  {spec.name}  {result.path}: {detail}; run: appliance models pull {spec.name}")
     return EXIT_FAILED if bad else EXIT_OK
+
+
+def cmd_calibrate_exit(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from appliance.early_exit import packaged_prompts, read_prompts, save_calibration
+    from appliance.exit_calibrate import calibrate
+    from appliance.modelref import resolve_model
+
+    try:
+        path = resolve_model(args.name)
+        if args.corpus:
+            prompts = read_prompts(args.corpus.read_text("utf-8"))
+        else:
+            prompts = packaged_prompts("exit_calibration_prompts.txt")
+        cal = calibrate(
+            path,
+            prompts,
+            target=args.target,
+            shortlist_size=args.shortlist,
+            max_tokens=args.tokens,
+            threads=args.threads or None,
+            draft_exit_layer=args.draft_exit_layer,
+        )
+    except (FileNotFoundError, ManifestError, UnknownModelError, ValueError, OSError) as exc:
+        _error(str(exc))
+        return EXIT_USAGE if isinstance(exc, ValueError | UnknownModelError) else EXIT_FAILED
+    out = save_calibration(cal, path)
+    if args.json:
+        print(msgspec.json.encode({**msgspec.to_builtins(cal), "shortlist": len(cal.shortlist)}).decode())
+    print(f"saved {out}", file=sys.stderr)
+    return EXIT_OK

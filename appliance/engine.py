@@ -27,6 +27,29 @@ _FALLBACK_TEMPLATES = {"gemma3": "gemma", "llama": "llama3", "qwen2": "chatml", 
 
 
 @dataclass(frozen=True)
+class DecodeStats:
+    """How a request's tokens were decoded (AsyncEngine; on the last chunk)."""
+
+    tokens: int = 0  # tokens decided (the last one may be an end-of-generation token)
+    layers_run: int = 0  # layer evaluations spent, drafts included
+    drafted: int = 0  # lossless: positions drafted
+    accepted: int = 0  # lossless: drafted tokens the full model agreed with
+    exits: tuple[tuple[int, int], ...] = ()  # (layers run, tokens decided there), ascending
+
+    @property
+    def mean_layers(self) -> float:
+        return self.layers_run / self.tokens if self.tokens else 0.0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    def early_tokens(self, n_layer: int) -> int:
+        """Tokens decided before the last layer (adaptive) plus drafted tokens kept (lossless)."""
+        return self.accepted + sum(n for at, n in self.exits if at < n_layer)
+
+
+@dataclass(frozen=True)
 class Chunk:
     """One step of a streamed generation. text may be empty while a UTF-8 character or a possible
     stop string is held back; finish_reason is set on the last chunk ("stop", "length", or "oom"
@@ -38,6 +61,7 @@ class Chunk:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    decode: DecodeStats | None = None
 
 
 def default_threads() -> int:
@@ -131,6 +155,8 @@ class Engine:
         return self._run(tokens, opts)
 
     def _run(self, tokens: list[int], opts: SamplingOptions) -> Iterator[Chunk]:
+        if opts.early_exit != "off":
+            raise ValueError("early exit runs in the batching engine (AsyncEngine), not in Engine")
         with self._lock:
             self._prefill(tokens)
             sampler = _native.Sampler(

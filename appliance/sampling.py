@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import msgspec
+
+ExitMode = Literal["off", "lossless", "adaptive"]
 
 
 class SamplingOptions(msgspec.Struct, frozen=True, kw_only=True):
@@ -17,6 +21,10 @@ class SamplingOptions(msgspec.Struct, frozen=True, kw_only=True):
     repeat_last_n: int = 64
     seed: int = 0
     stop: tuple[str, ...] = ()
+    # early exit (AsyncEngine): "lossless" drafts with part of the network and keeps only what the full
+    # model agrees with; "adaptive" lets confident tokens leave early (may differ from full depth)
+    early_exit: ExitMode = "off"
+    exit_threshold: float = -1.0  # adaptive: exit when confidence > this; < 0 uses the calibrated ones
 
     def validate(self) -> None:
         """Raise ValueError naming the first field that is out of range."""
@@ -30,6 +38,8 @@ class SamplingOptions(msgspec.Struct, frozen=True, kw_only=True):
             ("repeat_last_n", self.repeat_last_n >= 0, "must be >= 0"),
             ("seed", 0 <= self.seed < 2**64, "must be in [0, 2**64)"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "entries must be non-empty strings"),
+            ("early_exit", self.early_exit in ("off", "lossless", "adaptive"), "must be off, lossless or adaptive"),
+            ("exit_threshold", self.exit_threshold <= 1.0, "must be <= 1 (or < 0 for the calibrated thresholds)"),
         ]
         for name, ok, why in checks:
             if not ok:

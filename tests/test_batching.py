@@ -37,8 +37,8 @@ def run_all(engine: _native.BatchEngine, prompts: list[list[int]], n: int, **kw:
     ids = [engine.submit(p, max_tokens=n, temperature=0.0, stop_at_eog=False, **kw) for p in prompts]
     out: dict[int, list[int]] = {i: [] for i in ids}
     while not engine.idle:
-        for rid, toks, _finish, _np, _nc in engine.step():
-            out[rid] += toks
+        for ev in engine.step():
+            out[ev.id] += ev.tokens
         assert engine.check_invariants() == ""
     return {k: out[i] for k, i in enumerate(ids)}
 
@@ -103,10 +103,10 @@ def test_prefix_hit_matches_cold_run(tiny_model: Callable[..., Path]) -> None:
     warm: list[int] = []
     cached = 0
     while not engine.idle:
-        for r, toks, _f, _np, n_cached in engine.step():
-            assert r == rid
-            warm += toks
-            cached = n_cached
+        for ev in engine.step():
+            assert ev.id == rid
+            warm += ev.tokens
+            cached = ev.n_prompt_cached
     assert cached >= (len(prompt) - 1) // 16 * 16 - 16 and cached > 0
     assert warm == cold
     assert engine.stats()["prefix_hits"] > 0
@@ -121,9 +121,9 @@ def test_tenants_never_share_cached_prefixes(tiny_model: Callable[..., Path]) ->
         engine.submit(prompt, max_tokens=2, temperature=0.0, tenant=tenant)
         n = 0
         while not engine.idle:
-            for _r, _t, finish, _np, n_cached in engine.step():
-                if finish:
-                    n = n_cached
+            for ev in engine.step():
+                if ev.finish_reason:
+                    n = ev.n_prompt_cached
         return n
 
     assert cached_for("alice") == 0
@@ -166,9 +166,9 @@ def test_random_arrivals_cancels_keep_pool_invariants(tiny_model: Callable[..., 
             victim = rng.choice(sorted(live))
             assert engine.cancel(victim)
             live.discard(victim)
-        for rid, _toks, finish, _np, _nc in engine.step():
-            if finish:
-                live.discard(rid)
+        for ev in engine.step():
+            if ev.finish_reason:
+                live.discard(ev.id)
                 finished += 1
         assert engine.check_invariants() == ""
     while not engine.idle:
@@ -191,10 +191,10 @@ def test_requests_that_cannot_fit(tiny_model: Callable[..., Path]) -> None:
     finish = ""
     n = 0
     while not engine.idle:
-        for r, toks, f, _np, _nc in engine.step():
-            assert r == rid
-            n += len(toks)
-            finish = f or finish
+        for ev in engine.step():
+            assert ev.id == rid
+            n += len(ev.tokens)
+            finish = ev.finish_reason or finish
     assert finish == "length" and 15 + n == engine.max_seq_len
 
 
@@ -265,9 +265,9 @@ def test_hot_prefix_survives_a_restart(tiny_model: Callable[..., Path], tmp_path
         engine.submit(prompt, max_tokens=12, temperature=0.0, stop_at_eog=False, tenant=tenant)
         n, out = 0, []
         while not engine.idle:
-            for _r, toks, finish, _np, n_cached in engine.step():
-                out += toks
-                n = n_cached if finish else n
+            for ev in engine.step():
+                out += ev.tokens
+                n = ev.n_prompt_cached if ev.finish_reason else n
         return n, out
 
     n_hit, warm = cached(second, "acme")

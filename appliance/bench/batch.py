@@ -42,7 +42,8 @@ def ours(model: str, threads: int, c: int, n_prompt: int, n_gen: int) -> dict[st
     t_all = t0
     produced_after = 0
     while not engine.idle:
-        for rid, toks, _f, _np, _nc in engine.step():
+        for ev in engine.step():
+            rid, toks = ev.id, ev.tokens
             if rid in started:
                 produced_after += len(toks)
             elif toks:

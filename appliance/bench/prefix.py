@@ -26,8 +26,8 @@ def bench_prefix(model: str, threads: int, n_system: int = 1024, n_user: int = 1
         engine.submit(system + random_tokens(m.n_vocab, n_user, user_seed), max_tokens=1, tenant=tenant)
         first = 0.0
         while not engine.idle:
-            for _rid, toks, _f, _np, _nc in engine.step():
-                if toks and not first:
+            for ev in engine.step():
+                if ev.tokens and not first:
                     first = time.perf_counter() - t0
         return first
 

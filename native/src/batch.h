@@ -23,6 +23,7 @@ struct Batch {
     std::vector<int32_t> pos;      // its position in its sequence
     std::vector<int32_t> seq;      // index into views
     std::vector<int32_t> out_ids;  // entries whose logits are wanted, ascending
+    std::vector<int32_t> hidden_rows;  // partial passes: each entry's row of the hidden store
     std::vector<SeqView> views;
 
     uint32_t size() const { return static_cast<uint32_t>(tokens.size()); }
@@ -37,6 +38,7 @@ struct Batch {
         pos.clear();
         seq.clear();
         out_ids.clear();
+        hidden_rows.clear();
         views.clear();
     }
 };

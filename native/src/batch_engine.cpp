@@ -4,12 +4,18 @@
 #include "model.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 
 namespace appliance {
 
 namespace {
+
+uint64_t now_us() {
+    return static_cast<uint64_t>(
+        std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now().time_since_epoch()).count());
+}
 
 uint64_t fnv1a(const std::string & s) {
     uint64_t h = 1469598103934665603ull;
@@ -47,7 +53,10 @@ BatchEngine::BatchEngine(const Model & model, const BatchEngineParams & params)
       sched_(blocks_, SchedulerConfig{params.max_batched_tokens, params.max_seqs,
                                       std::min(model.hp.n_ctx_train, blocks_.n_blocks() * params.block_size)}),
       runner_(model, blocks_.n_blocks() * params.block_size, params.max_batched_tokens, params.n_threads),
-      eog_(params.eog_tokens.begin(), params.eog_tokens.end()) {}
+      eog_(params.eog_tokens.begin(), params.eog_tokens.end()),
+      exits_per_layer_(model.hp.n_layer + 1, 0) {
+    check_exit_params();
+}
 
 uint64_t BatchEngine::salt_for(const std::string & tenant) const {
     return fnv1a(params_.model_key) ^ (fnv1a(tenant) * 0x9e3779b97f4a7c15ull);
@@ -67,9 +76,18 @@ int64_t BatchEngine::submit(const Request & r) {
         throw ContextOverflowError("prompt of " + std::to_string(r.prompt.size()) + " tokens does not fit: the longest "
                                    "sequence is " + std::to_string(max_seq_len()) + " tokens (prompt and output)");
     }
+    if (r.exit_mode != ExitMode::Off) {
+        APPL_REQUIRE(runner_.shortlist() != nullptr, InvalidArgument,
+                     "early exit needs the model's exit calibration (a shortlist): none is loaded");
+        APPL_REQUIRE(r.exit_mode != ExitMode::Adaptive || !params_.exit_layers.empty(), InvalidArgument,
+                     "adaptive early exit needs calibrated exit layers: none are configured");
+        APPL_REQUIRE(r.exit_threshold <= 1.0f, InvalidArgument, "exit_threshold must be <= 1 (or < 0 for calibrated)");
+    }
     auto seq = std::make_unique<Sequence>(next_id_++, r.prompt, salt_for(r.tenant), r.sampling, n_vocab);
-    seq->max_tokens  = r.max_tokens;
-    seq->stop_at_eog = r.stop_at_eog;
+    seq->max_tokens     = r.max_tokens;
+    seq->stop_at_eog    = r.stop_at_eog;
+    seq->exit_mode      = r.exit_mode;
+    seq->exit_threshold = r.exit_threshold;
     Sequence * s = seq.get();
     seqs_.emplace(s->id, std::move(seq));
     sched_.add(s);
@@ -112,6 +130,25 @@ void BatchEngine::register_full_blocks(Sequence & s) {
     }
 }
 
+bool BatchEngine::emit(Sequence & s, int32_t tok, std::vector<Event> & events) {
+    if (eog_.count(tok) != 0 && s.stop_at_eog) {
+        finish(&s, "stop", events);
+        return false;
+    }
+    s.tokens.push_back(tok);
+    for (auto it = events.rbegin(); it != events.rend(); ++it) {
+        if (it->id == s.id) {
+            it->tokens.push_back(tok);
+            break;
+        }
+    }
+    if (s.n_generated() >= s.max_tokens || s.tokens.size() >= max_seq_len()) {
+        finish(&s, "length", events);
+        return false;
+    }
+    return true;
+}
+
 std::vector<Event> BatchEngine::step() {
     std::vector<Event>      events;
     std::vector<Sequence *> oom;
@@ -122,6 +159,17 @@ std::vector<Event> BatchEngine::step() {
     if (plan.empty()) {
         return events;
     }
+    const ExitMode mode = exit_mode_for(plan);
+    const uint32_t n    = static_cast<uint32_t>(plan.size());
+    if (mode == ExitMode::Lossless && (params_.always_draft || spec_.use_spec(n))) {
+        step_lossless(plan, events);
+        return events;
+    }
+    if (mode == ExitMode::Adaptive) {
+        step_adaptive(plan, events);
+        return events;
+    }
+    const uint64_t t0 = now_us();
 
     // run: every scheduled token, logits for each sequence whose last token is in this pass
     batch_.clear();
@@ -141,7 +189,8 @@ std::vector<Event> BatchEngine::step() {
     ++n_steps_;
 
     // postprocess: advance, cache full blocks, sample, finish
-    size_t out_row = 0;
+    size_t   out_row  = 0;
+    uint32_t n_tokens = 0;
     for (const Scheduled & sc : plan) {
         Sequence & s = *sc.seq;
         s.n_computed += sc.n_tokens;
@@ -151,19 +200,21 @@ std::vector<Event> BatchEngine::step() {
         }
         const float * row = logits_.data() + out_row++ * model_.hp.n_vocab;
         const int32_t tok = s.sampler.sample(row, s.tokens);
-        const bool    eog = eog_.count(tok) != 0;
         events.push_back(Event{s.id, {}, "", s.n_prompt, s.n_prompt_cached});
-        if (eog && s.stop_at_eog) {
-            finish(&s, "stop", events);
-            continue;
-        }
-        s.tokens.push_back(tok);
-        events.back().tokens.push_back(tok);
-        if (s.n_generated() >= s.max_tokens || s.tokens.size() >= max_seq_len()) {
-            finish(&s, "length", events);
-        }
+        events.back().layers_run = sc.n_tokens * model_.hp.n_layer;
+        events.back().exit_layers.push_back(static_cast<uint16_t>(model_.hp.n_layer));
+        ++n_tokens;
+        emit(s, tok, events);
+    }
+    if (mode == ExitMode::Lossless) {  // a plain step where drafting was possible: its cost per token
+        spec_.record(false, n, now_us() - t0, n_tokens);
+        ++plain_decode_steps_;
     }
     return events;
+}
+
+std::vector<int32_t> BatchEngine::shortlist() const {
+    return runner_.shortlist() ? runner_.shortlist()->tokens() : std::vector<int32_t>{};
 }
 
 BatchEngine::Stats BatchEngine::stats() const {
@@ -183,6 +234,12 @@ BatchEngine::Stats BatchEngine::stats() const {
     s.n_tokens_run         = runner_.timings().n_tokens;
     s.kv_bytes             = runner_.kv_bytes();
     s.kv_bytes_per_token   = kv_bytes_per_token(model_);
+    s.spec_steps           = spec_steps_;
+    s.plain_decode_steps   = plain_decode_steps_;
+    s.drafted              = drafted_;
+    s.accepted             = accepted_;
+    s.adaptive_tokens      = adaptive_tokens_;
+    s.exits_per_layer      = exits_per_layer_;
     return s;
 }
 

@@ -8,6 +8,7 @@
 #include "model_runner.h"
 #include "scheduler.h"
 #include "sequence.h"
+#include "spec_policy.h"
 
 #include <cstdint>
 #include <memory>
@@ -29,6 +30,12 @@ struct BatchEngineParams {
     int                  n_threads          = 2;
     std::vector<int32_t> eog_tokens;                // end-of-generation token ids (from the vocabulary)
     std::string          model_key;                 // salts the prefix cache (e.g. the model file's hash)
+    // early exit (both modes need a shortlist: set_shortlist)
+    std::vector<uint32_t> exit_layers;       // adaptive: a token may exit after these layers (ascending, < n_layer)
+    std::vector<float>    exit_thresholds;   // the calibrated confidence each exit layer needs (same length)
+    uint32_t              draft_exit_layer = 0;  // lossless: the draft runs layers [0, E); 0 means all of them
+    uint32_t              draft_max        = 8;  // lossless: most positions drafted per round
+    bool                  always_draft     = false;  // lossless: draft even where plain steps measure faster
 };
 
 struct Request {
@@ -37,6 +44,8 @@ struct Request {
     uint32_t             max_tokens  = 256;
     bool                 stop_at_eog = true;
     std::string          tenant;  // prefix-cache namespace: a cached prefix is reused only within it
+    ExitMode             exit_mode      = ExitMode::Off;
+    float                exit_threshold = -1.0f;  // adaptive: exit when confidence > this; < 0: calibrated
 };
 
 // What a step produced for one request.
@@ -46,6 +55,11 @@ struct Event {
     std::string          finish_reason;  // "" while running; "stop", "length" or "oom" at the end
     uint32_t             n_prompt        = 0;
     uint32_t             n_prompt_cached = 0;  // prompt tokens served from the prefix cache
+    // early exit, for this step's tokens
+    uint32_t             layers_run = 0;       // layer evaluations spent on this request (drafts included)
+    uint32_t             n_drafted  = 0;       // lossless: positions drafted
+    uint32_t             n_accepted = 0;       // lossless: drafted tokens the full model agreed with
+    std::vector<uint16_t> exit_layers;         // per new token: the layer count it was decided at
 };
 
 class BatchEngine {
@@ -61,6 +75,11 @@ public:
     // One scheduling step and forward pass. Returns the events; empty when there is nothing to do.
     std::vector<Event> step();
 
+    // The shortlisted output head both early-exit modes use (the tokens likely to be emitted, from
+    // calibration). Throws InvalidArgument for bad ids.
+    void set_shortlist(const std::vector<int32_t> & tokens) { runner_.set_shortlist(tokens); }
+    std::vector<int32_t> shortlist() const;
+
     bool     idle() const { return sched_.idle(); }
     uint32_t max_seq_len() const { return sched_.config().max_seq_len; }
 
@@ -69,6 +88,8 @@ public:
         uint64_t n_preemptions, prefix_hits, prefix_lookups, prefix_evictions, n_steps, n_tokens_run;
         uint32_t prefix_cached_blocks;
         size_t   kv_bytes, kv_bytes_per_token;
+        uint64_t spec_steps, plain_decode_steps, drafted, accepted, adaptive_tokens;
+        std::vector<uint64_t> exits_per_layer;  // adaptive: tokens decided after each layer count [0, n_layer]
     };
     Stats stats() const;
     // Hot prefixes across restarts: writes the K/V of the cached full blocks that start `tokens` under
@@ -87,6 +108,15 @@ private:
     uint64_t        salt_for(const std::string & tenant) const;
     void            finish(Sequence * s, const std::string & reason, std::vector<Event> & events);
     void            register_full_blocks(Sequence & s);
+    // Appends tok to s, or finishes s on an end-of-generation token or at its length limit; false once
+    // s is finished (and gone). The step's event for s must exist.
+    bool            emit(Sequence & s, int32_t tok, std::vector<Event> & events);
+    // early exit (early_exit.cpp)
+    ExitMode        exit_mode_for(const std::vector<Scheduled> & plan) const;
+    void            step_lossless(const std::vector<Scheduled> & plan, std::vector<Event> & events);
+    void            step_adaptive(const std::vector<Scheduled> & plan, std::vector<Event> & events);
+    int32_t         sample_shortlist(Sequence & s, const float * row);
+    void            check_exit_params() const;
 
     const Model &                                          model_;
     BatchEngineParams                                      params_;
@@ -99,6 +129,10 @@ private:
     uint64_t                                               n_steps_ = 0;
     Batch                                                  batch_;
     std::vector<float>                                     logits_;
+    SpecPolicy                                             spec_;
+    uint64_t spec_steps_ = 0, plain_decode_steps_ = 0, drafted_ = 0, accepted_ = 0, adaptive_tokens_ = 0;
+    std::vector<uint64_t>                                  exits_per_layer_;
+    std::vector<float>                                     vocab_row_;  // scratch: a shortlist row spread over the vocabulary
 };
 
 }  // namespace appliance

@@ -37,6 +37,20 @@ std::vector<int32_t> as_tokens(const py::handle & obj) {
     return out;
 }
 
+Head parse_head(const std::string & head) {
+    if (head == "full") return Head::Full;
+    if (head == "shortlist") return Head::Shortlist;
+    if (head == "none") return Head::None;
+    throw InvalidArgument("head must be 'full', 'shortlist' or 'none', got '" + head + "'");
+}
+
+ExitMode parse_exit_mode(const std::string & mode) {
+    if (mode == "off") return ExitMode::Off;
+    if (mode == "lossless") return ExitMode::Lossless;
+    if (mode == "adaptive") return ExitMode::Adaptive;
+    throw InvalidArgument("exit_mode must be 'off', 'lossless' or 'adaptive', got '" + mode + "'");
+}
+
 SamplingParams sampling_params(float temperature, int32_t top_k, float top_p, float min_p, float repeat_penalty,
                                int32_t repeat_last_n, uint64_t seed) {
     SamplingParams p;
@@ -167,6 +181,46 @@ PYBIND11_MODULE(_native, m) {
              py::arg("i") = -1, "Logits (float32[n_vocab]) of output i of the last decode.")
         .def("all_logits", [](const Context & c) { return logits_array(c, 0, c.n_outputs()); },
              "Logits of every output of the last decode, float32[n_outputs, n_vocab].")
+        .def("set_shortlist", [](Context & c, const py::handle & tokens) {
+                 std::vector<int32_t> t = as_tokens(tokens);
+                 py::gil_scoped_release release;
+                 c.set_shortlist(t);
+             },
+             py::arg("tokens"), "Set the shortlisted output head (distinct token ids) that probe_exits uses.")
+        .def("run_pass", [](Context & c, const py::handle & tokens, uint32_t l_begin, uint32_t l_end, const std::string & head,
+                            bool keep_hidden, bool fill_kv) {
+                 std::vector<int32_t> t = as_tokens(tokens);
+                 PassSpec p{l_begin, l_end, parse_head(head), keep_hidden, fill_kv};
+                 if (l_begin >= std::min(l_end, c.n_layer()) && (l_begin == 0 || p.head == Head::None)) {
+                     throw InvalidArgument("the pass runs no layer and no head");
+                 }
+                 py::gil_scoped_release release;
+                 c.run_pass(t, p);
+             },
+             py::arg("tokens"), py::kw_only(), py::arg("l_begin") = 0, py::arg("l_end") = UINT32_MAX, py::arg("head") = "full",
+             py::arg("keep_hidden") = false, py::arg("fill_kv") = false,
+             "One pass over layers [l_begin, l_end) with head 'full', 'shortlist' or 'none' at positions n_past.., "
+             "not advancing the sequence (for costing the parts of early exit).")
+        .def("probe_exits", [](Context & c, const py::handle & tokens, std::vector<uint32_t> exit_layers) {
+                 std::vector<int32_t> t = as_tokens(tokens);
+                 std::vector<int32_t> full, top;
+                 std::vector<float>   conf;
+                 {
+                     py::gil_scoped_release release;
+                     c.probe_exits(t, exit_layers, full, top, conf);
+                 }
+                 const py::ssize_t n = static_cast<py::ssize_t>(t.size()), x = static_cast<py::ssize_t>(exit_layers.size());
+                 py::array_t<int32_t> a_full(n), a_top({n, x});
+                 py::array_t<float>   a_conf({n, x});
+                 std::copy(full.begin(), full.end(), a_full.mutable_data());
+                 std::copy(top.begin(), top.end(), a_top.mutable_data());
+                 std::copy(conf.begin(), conf.end(), a_conf.mutable_data());
+                 return py::make_tuple(a_full, a_top, a_conf);
+             },
+             py::arg("tokens"), py::arg("exit_layers"),
+             "Run tokens as a new sequence; returns (full_top int32[n], exit_top int32[n, n_exits], exit_conf "
+             "float32[n, n_exits]): the full model's pick and the shortlisted head's pick and confidence after each "
+             "exit layer, per position.")
         .def_property_readonly("n_past", &Context::n_past)
         .def_property_readonly("n_ctx", &Context::n_ctx)
         .def_property_readonly("n_vocab", &Context::n_vocab)
@@ -177,12 +231,24 @@ PYBIND11_MODULE(_native, m) {
              "Cumulative time of forward passes by phase, in microseconds.")
         .def_property_readonly("compute_bytes", &Context::compute_bytes);
 
+    py::class_<Event>(m, "Event", "What one step produced for one request.")
+        .def_readonly("id", &Event::id)
+        .def_readonly("tokens", &Event::tokens, "new tokens (several when drafted tokens were accepted)")
+        .def_readonly("finish_reason", &Event::finish_reason, "'' while running; 'stop', 'length' or 'oom'")
+        .def_readonly("n_prompt", &Event::n_prompt)
+        .def_readonly("n_prompt_cached", &Event::n_prompt_cached, "prompt tokens served from the prefix cache")
+        .def_readonly("layers_run", &Event::layers_run, "layer evaluations spent this step (drafts included)")
+        .def_readonly("n_drafted", &Event::n_drafted, "lossless: positions drafted this step")
+        .def_readonly("n_accepted", &Event::n_accepted, "lossless: drafted tokens the full model agreed with")
+        .def_readonly("exit_layers", &Event::exit_layers, "per new token: after how many layers it was decided");
+
     py::class_<BatchEngine>(m, "BatchEngine",
                             "Continuous batching over a paged KV cache with a prefix cache. Not thread-safe: "
                             "one thread submits, steps and cancels.")
         .def(py::init([](const Model & model, uint32_t kv_cache_mb, uint32_t n_blocks, uint32_t block_size,
                          uint32_t max_batched_tokens, uint32_t max_seqs, int n_threads, std::vector<int32_t> eog_tokens,
-                         std::string model_key) {
+                         std::string model_key, std::vector<uint32_t> exit_layers, std::vector<float> exit_thresholds,
+                         uint32_t draft_exit_layer, uint32_t draft_max, bool always_draft) {
                  BatchEngineParams p;
                  p.kv_cache_mb        = kv_cache_mb;
                  p.n_blocks           = n_blocks;
@@ -192,16 +258,26 @@ PYBIND11_MODULE(_native, m) {
                  p.n_threads          = n_threads;
                  p.eog_tokens         = std::move(eog_tokens);
                  p.model_key          = std::move(model_key);
+                 p.exit_layers        = std::move(exit_layers);
+                 p.exit_thresholds    = std::move(exit_thresholds);
+                 p.draft_exit_layer   = draft_exit_layer;
+                 p.draft_max          = draft_max;
+                 p.always_draft       = always_draft;
                  py::gil_scoped_release release;
                  return std::make_unique<BatchEngine>(model, p);
              }),
              py::arg("model"), py::kw_only(), py::arg("kv_cache_mb") = 256, py::arg("n_blocks") = 0, py::arg("block_size") = 16,
              py::arg("max_batched_tokens") = 512, py::arg("max_seqs") = 16, py::arg("n_threads") = 2,
-             py::arg("eog_tokens") = std::vector<int32_t>{}, py::arg("model_key") = "", py::keep_alive<1, 2>())
+             py::arg("eog_tokens") = std::vector<int32_t>{}, py::arg("model_key") = "",
+             py::arg("exit_layers") = std::vector<uint32_t>{}, py::arg("exit_thresholds") = std::vector<float>{},
+             py::arg("draft_exit_layer") = 0, py::arg("draft_max") = 8, py::arg("always_draft") = false,
+             py::keep_alive<1, 2>())
         .def("submit", [](BatchEngine & e, const py::handle & prompt, uint32_t max_tokens, float temperature, int32_t top_k,
                           float top_p, float min_p, float repeat_penalty, int32_t repeat_last_n, uint64_t seed,
-                          bool stop_at_eog, std::string tenant) {
+                          bool stop_at_eog, std::string tenant, const std::string & exit_mode, float exit_threshold) {
                  Request r;
+                 r.exit_mode      = parse_exit_mode(exit_mode);
+                 r.exit_threshold = exit_threshold;
                  r.prompt                  = as_tokens(prompt);
                  r.max_tokens              = max_tokens;
                  r.sampling = sampling_params(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed);
@@ -212,22 +288,22 @@ PYBIND11_MODULE(_native, m) {
              py::arg("prompt"), py::kw_only(), py::arg("max_tokens") = 256, py::arg("temperature") = 0.8f,
              py::arg("top_k") = 40, py::arg("top_p") = 0.95f, py::arg("min_p") = 0.05f, py::arg("repeat_penalty") = 1.0f,
              py::arg("repeat_last_n") = 64, py::arg("seed") = 0, py::arg("stop_at_eog") = true, py::arg("tenant") = "",
-             "Queue a request (prompt token ids); returns its id.")
+             py::arg("exit_mode") = "off", py::arg("exit_threshold") = -1.0f,
+             "Queue a request (prompt token ids); returns its id. exit_mode: 'off', 'lossless' (self-speculative, "
+             "same output) or 'adaptive' (confidence-based early exit; exit_threshold < 0 uses the calibrated ones).")
         .def("cancel", &BatchEngine::cancel, py::arg("id"), "Drop a request now, freeing its KV blocks.")
         .def("step", [](BatchEngine & e) {
-                 std::vector<Event> events;
-                 {
-                     py::gil_scoped_release release;
-                     events = e.step();
-                 }
-                 py::list out;
-                 for (const Event & ev : events) {
-                     out.append(py::make_tuple(ev.id, ev.tokens, ev.finish_reason, ev.n_prompt, ev.n_prompt_cached));
-                 }
-                 return out;
+                 py::gil_scoped_release release;
+                 return e.step();
              },
-             "Run one scheduling step and batched forward pass: [(id, new_tokens, finish_reason, n_prompt, "
-             "n_prompt_cached)], finish_reason '' while the request runs.")
+             "Run one scheduling step and batched forward pass (several with early exit): the Events it produced.")
+        .def("set_shortlist", [](BatchEngine & e, const py::handle & tokens) {
+                 std::vector<int32_t> t = as_tokens(tokens);
+                 py::gil_scoped_release release;
+                 e.set_shortlist(t);
+             },
+             py::arg("tokens"), "Set the shortlisted output head early exit uses (distinct token ids).")
+        .def_property_readonly("shortlist", &BatchEngine::shortlist)
         .def_property_readonly("idle", &BatchEngine::idle)
         .def_property_readonly("max_seq_len", &BatchEngine::max_seq_len)
         .def("stats", [](const BatchEngine & e) {
@@ -247,6 +323,12 @@ PYBIND11_MODULE(_native, m) {
                  d["n_tokens_run"]         = s.n_tokens_run;
                  d["kv_bytes"]             = s.kv_bytes;
                  d["kv_bytes_per_token"]   = s.kv_bytes_per_token;
+                 d["spec_steps"]           = s.spec_steps;
+                 d["plain_decode_steps"]   = s.plain_decode_steps;
+                 d["drafted"]              = s.drafted;
+                 d["accepted"]             = s.accepted;
+                 d["adaptive_tokens"]      = s.adaptive_tokens;
+                 d["exits_per_layer"]      = s.exits_per_layer;
                  return d;
              })
         .def("save_prefix", [](BatchEngine & e, const py::handle & tokens, const std::string & tenant, const std::string & path) {

@@ -2,8 +2,10 @@
 
 #include "error.h"
 #include "model.h"
+#include "sampler.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 namespace appliance {
@@ -24,6 +26,7 @@ Context::Context(const Model & model, const ContextParams & params)
       n_ubatch_(std::min(params.n_ubatch, params.n_ctx)) {}
 
 uint32_t Context::n_vocab() const { return runner_.model().hp.n_vocab; }
+uint32_t Context::n_layer() const { return runner_.model().hp.n_layer; }
 
 const float * Context::logits(uint32_t i) const {
     APPL_REQUIRE(i < n_outputs_, InvalidArgument, "output index " + std::to_string(i) + " out of range");
@@ -73,6 +76,78 @@ void Context::decode(const int32_t * tokens, uint32_t n, bool all_logits) {
         throw;
     }
     n_outputs_ = all_logits ? n : 1;
+}
+
+void Context::run_pass(const std::vector<int32_t> & tokens, const PassSpec & pass) {
+    const uint32_t n = static_cast<uint32_t>(tokens.size());
+    APPL_REQUIRE(n > 0 && n <= std::min(n_ubatch_, runner_.n_hidden_rows()), InvalidArgument, "run_pass takes 1..n_ubatch tokens");
+    APPL_REQUIRE(n_past_ + n <= n_ctx(), ContextOverflowError, "the pass does not fit the context");
+    APPL_REQUIRE(pass.head != Head::Shortlist || runner_.shortlist() != nullptr, InvalidArgument, "no shortlist is set");
+    APPL_REQUIRE(pass.l_begin <= runner_.model().hp.n_layer, InvalidArgument, "l_begin is beyond the last layer");
+    for (int32_t t : tokens) {
+        APPL_REQUIRE(t >= 0 && t < static_cast<int32_t>(n_vocab()), InvalidArgument, "token id outside the vocabulary");
+    }
+    batch_.clear();
+    batch_.views.push_back(SeqView{&blocks_, n_ctx()});
+    for (uint32_t i = 0; i < n; ++i) {
+        batch_.add(tokens[i], static_cast<int32_t>(n_past_ + i), 0, true);
+        batch_.hidden_rows.push_back(static_cast<int32_t>(i));
+    }
+    runner_.run(batch_, chunk_logits_, pass);
+}
+
+void Context::probe_exits(const std::vector<int32_t> & tokens, const std::vector<uint32_t> & exit_layers,
+                          std::vector<int32_t> & full_top, std::vector<int32_t> & exit_top, std::vector<float> & exit_conf) {
+    const Model &     m = runner_.model();
+    const uint32_t    L = m.hp.n_layer;
+    const uint32_t    n = static_cast<uint32_t>(tokens.size());
+    const Shortlist * sl = runner_.shortlist();
+    APPL_REQUIRE(sl != nullptr, InvalidArgument, "probe_exits needs a shortlist (set_shortlist)");
+    APPL_REQUIRE(n > 0, InvalidArgument, "probe_exits needs at least one token");
+    APPL_REQUIRE(n <= n_ctx(), ContextOverflowError, "sequence of " + std::to_string(n) + " tokens does not fit the context");
+    for (size_t x = 0; x < exit_layers.size(); ++x) {
+        APPL_REQUIRE(exit_layers[x] >= 1 && exit_layers[x] < L && (x == 0 || exit_layers[x] > exit_layers[x - 1]),
+                     InvalidArgument, "exit_layers must be ascending, in [1, n_layer)");
+    }
+    for (int32_t t : tokens) {
+        APPL_REQUIRE(t >= 0 && t < static_cast<int32_t>(m.hp.n_vocab), InvalidArgument, "token id outside the vocabulary");
+    }
+    const size_t n_exits = exit_layers.size();
+    const size_t n_short = sl->size();
+    full_top.assign(n, 0);
+    exit_top.assign(static_cast<size_t>(n) * n_exits, 0);
+    exit_conf.assign(static_cast<size_t>(n) * n_exits, 0.0f);
+    n_past_    = 0;
+    n_outputs_ = 0;
+    logits_.clear();
+    const uint32_t chunk = std::min(n_ubatch_, runner_.n_hidden_rows());
+    for (uint32_t off = 0; off < n; off += chunk) {
+        const uint32_t len = std::min(chunk, n - off);
+        batch_.clear();
+        batch_.views.push_back(SeqView{&blocks_, n_ctx()});
+        for (uint32_t i = 0; i < len; ++i) {
+            batch_.add(tokens[off + i], static_cast<int32_t>(off + i), 0, true);
+            batch_.hidden_rows.push_back(static_cast<int32_t>(i));
+        }
+        uint32_t begin = 0;
+        for (size_t x = 0; x < n_exits; ++x) {
+            runner_.run(batch_, chunk_logits_, PassSpec{begin, exit_layers[x], Head::Shortlist, true, false});
+            for (uint32_t i = 0; i < len; ++i) {
+                const float * row  = chunk_logits_.data() + static_cast<size_t>(i) * n_short;
+                const int32_t best = argmax(row, static_cast<int32_t>(n_short));
+                double        sum  = 0.0;
+                for (size_t j = 0; j < n_short; ++j) sum += std::exp(static_cast<double>(row[j] - row[best]));
+                exit_top[(off + i) * n_exits + x]  = sl->tokens()[best];
+                exit_conf[(off + i) * n_exits + x] = static_cast<float>(1.0 / sum);
+            }
+            begin = exit_layers[x];
+        }
+        runner_.run(batch_, chunk_logits_, begin == 0 ? PassSpec{} : PassSpec{begin, L, Head::Full, false, false});
+        for (uint32_t i = 0; i < len; ++i) {
+            full_top[off + i] = argmax(chunk_logits_.data() + static_cast<size_t>(i) * m.hp.n_vocab, static_cast<int32_t>(m.hp.n_vocab));
+        }
+    }
+    n_past_ = n;  // the sequence is now `tokens` (its K/V are those of full-depth passes)
 }
 
 }  // namespace appliance

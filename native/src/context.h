@@ -31,9 +31,22 @@ public:
     // Forgets positions >= n_keep (to reuse a common prompt prefix). Precondition: n_keep <= n_past().
     void truncate(uint32_t n_keep);
 
+    // Early-exit calibration. For each token of `tokens` (run as a new sequence from position 0,
+    // replacing the current one), what the shortlisted head would pick after each of `exit_layers`
+    // (ascending, in [1, n_layer)) and with what confidence (its top softmax probability over the
+    // shortlist), and what the full model picks. Outputs are [n], [n][n_exits], [n][n_exits].
+    // Precondition: a shortlist is set. Throws InvalidArgument / ContextOverflowError.
+    void probe_exits(const std::vector<int32_t> & tokens, const std::vector<uint32_t> & exit_layers,
+                     std::vector<int32_t> & full_top, std::vector<int32_t> & exit_top, std::vector<float> & exit_conf);
+    void set_shortlist(const std::vector<int32_t> & tokens) { runner_.set_shortlist(tokens); }
+    // One pass of the given kind over `tokens` at positions n_past().., every token an output and
+    // hidden rows 0..n-1, without advancing the sequence (costing the parts of early exit; tests).
+    void run_pass(const std::vector<int32_t> & tokens, const PassSpec & pass);
+
     uint32_t n_past() const { return n_past_; }
     uint32_t n_ctx() const { return runner_.n_cells(); }
     uint32_t n_vocab() const;
+    uint32_t n_layer() const;
     // logits of the i-th output of the last decode (i < n_outputs()), [n_vocab] floats
     const float * logits(uint32_t i) const;
     uint32_t      n_outputs() const { return n_outputs_; }

@@ -1,17 +1,33 @@
 #include "graph.h"
 
+#include "arch/arch.h"
 #include "kv_cache.h"
 #include "model.h"
 
+#include <algorithm>
 #include <cmath>
 
 namespace appliance {
 
 GraphBuilder::GraphBuilder(ggml_context * ctx_, ggml_cgraph * gf_, const Model & m, const KvStorage & kv_,
-                           const UBatchShape & ub_)
-    : model(m), hp(m.hp), ctx(ctx_), gf(gf_), kv(kv_), ub(ub_) {
+                           const UBatchShape & ub_, const PassSpec & pass_, ggml_tensor * hidden_,
+                           ggml_tensor * shortlist_)
+    : model(m),
+      hp(m.hp),
+      ctx(ctx_),
+      gf(gf_),
+      kv(kv_),
+      ub(ub_),
+      pass(pass_),
+      l_end(std::min(pass_.l_end, m.hp.n_layer)),
+      hidden(hidden_),
+      shortlist(shortlist_) {
     GGML_ASSERT(ub.n_tokens > 0 && ub.n_outputs > 0 && ub.n_outputs <= ub.n_tokens);
     GGML_ASSERT(ub.n_kv > 0 && ub.n_kv <= kv.n_cells());
+    GGML_ASSERT(pass.l_begin < l_end || (pass.l_begin == l_end && pass.l_begin > 0 && pass.head != Head::None));
+    GGML_ASSERT(pass.is_full() || ub.n_outputs == ub.n_tokens);  // partial passes output every token
+    GGML_ASSERT((pass.l_begin == 0 && !pass.keep_hidden) || (hidden && hidden->ne[0] == hp.n_embd));
+    GGML_ASSERT(pass.head != Head::Shortlist || (shortlist && shortlist->ne[0] == hp.n_embd));
 
     inp_tokens = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, ub.n_tokens);
     ggml_set_name(inp_tokens, "inp_tokens");
@@ -38,6 +54,16 @@ GraphBuilder::GraphBuilder(ggml_context * ctx_, ggml_cgraph * gf_, const Model &
         inp_out_ids = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, ub.n_outputs);
         ggml_set_name(inp_out_ids, "inp_out_ids");
         ggml_set_input(inp_out_ids);
+    }
+    if (pass.l_begin > 0) {
+        inp_rows_get = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, ub.n_tokens);
+        ggml_set_name(inp_rows_get, "inp_rows_get");
+        ggml_set_input(inp_rows_get);
+    }
+    if (pass.keep_hidden) {
+        inp_rows_set = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, ub.n_tokens);
+        ggml_set_name(inp_rows_set, "inp_rows_set");
+        ggml_set_input(inp_rows_set);
     }
 }
 
@@ -75,6 +101,30 @@ void GraphBuilder::qkv(const LayerWeights & L, ggml_tensor * x, ggml_tensor ** q
     *v = ggml_reshape_3d(ctx, V, hp.head_dim_v, hp.n_head_kv, n);  // [head_dim, n_head_kv, n]
 }
 
+void GraphBuilder::store_kv(uint32_t il, ggml_tensor * k, ggml_tensor * v) {
+    const int64_t n = ub.n_tokens;
+    GGML_ASSERT(k->nb[1] == ggml_row_size(k->type, hp.head_dim_k) && v->nb[1] == ggml_row_size(v->type, hp.head_dim_v));
+    ggml_tensor * k_rows = ggml_view_2d(ctx, k, hp.n_embd_k_gqa(), n, k->nb[2], 0);  // [n_embd_k_gqa, n]
+    ggml_tensor * v_rows = ggml_view_2d(ctx, v, hp.n_embd_v_gqa(), n, v->nb[2], 0);  // [n_embd_v_gqa, n]
+    ggml_build_forward_expand(gf, ggml_set_rows(ctx, kv.k(il), k_rows, inp_kv_idx));
+    ggml_build_forward_expand(gf, ggml_set_rows(ctx, kv.v(il), v_rows, inp_kv_idx));
+}
+
+void GraphBuilder::fill_kv(uint32_t il, ggml_tensor * x) {
+    const LayerWeights & L = model.layers[il];
+    const int64_t        n = ub.n_tokens;
+    ggml_tensor *        h = rms_norm(x, L.attn_norm);  // [n_embd, n]
+    ggml_tensor *        K = ggml_mul_mat(ctx, L.wk, h);  // [n_embd_k_gqa, n]
+    if (L.bk) K = ggml_add(ctx, K, L.bk);
+    ggml_tensor * V = ggml_mul_mat(ctx, L.wv, h);  // [n_embd_v_gqa, n]
+    if (L.bv) V = ggml_add(ctx, V, L.bv);
+    K = ggml_reshape_3d(ctx, K, hp.head_dim_k, hp.n_head_kv, n);  // [head_dim, n_head_kv, n]
+    V = ggml_reshape_3d(ctx, V, hp.head_dim_v, hp.n_head_kv, n);  // [head_dim, n_head_kv, n]
+    if (L.k_norm) K = rms_norm(K, L.k_norm);
+    K = rope(K, il);
+    store_kv(il, K, V);
+}
+
 ggml_tensor * GraphBuilder::attention(uint32_t il, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, float kq_scale) {
     const int64_t n       = ub.n_tokens;
     const int64_t n_kv    = ub.n_kv;
@@ -82,12 +132,7 @@ ggml_tensor * GraphBuilder::attention(uint32_t il, ggml_tensor * q, ggml_tensor 
     ggml_tensor * k_cache = kv.k(il);  // [n_embd_k_gqa, n_cells]
     ggml_tensor * v_cache = kv.v(il);  // [n_embd_v_gqa, n_cells]
 
-    // write this batch's K and V into their cells; expanded first so the reads below see them
-    GGML_ASSERT(k->nb[1] == ggml_row_size(k->type, d) && v->nb[1] == ggml_row_size(v->type, d));
-    ggml_tensor * k_rows = ggml_view_2d(ctx, k, hp.n_embd_k_gqa(), n, k->nb[2], 0);  // [n_embd_k_gqa, n]
-    ggml_tensor * v_rows = ggml_view_2d(ctx, v, hp.n_embd_v_gqa(), n, v->nb[2], 0);  // [n_embd_v_gqa, n]
-    ggml_build_forward_expand(gf, ggml_set_rows(ctx, k_cache, k_rows, inp_kv_idx));
-    ggml_build_forward_expand(gf, ggml_set_rows(ctx, v_cache, v_rows, inp_kv_idx));
+    store_kv(il, k, v);  // expanded first so the reads below see this batch's K and V
 
     // [head_dim, n_head_kv, n_kv] views of the cache, permuted to [head_dim, n_kv, n_head_kv]
     ggml_tensor * K = ggml_view_3d(ctx, k_cache, d, hp.n_head_kv, n_kv, ggml_row_size(k_cache->type, d),
@@ -116,15 +161,38 @@ ggml_tensor * GraphBuilder::select_outputs(ggml_tensor * x) {
     return inp_out_ids ? ggml_get_rows(ctx, x, inp_out_ids) : x;
 }
 
-ggml_tensor * GraphBuilder::lm_head(ggml_tensor * x) {
+ggml_tensor * GraphBuilder::lm_head(ggml_tensor * x, ggml_tensor * head_w) {
     x = rms_norm(x, model.output_norm);
-    ggml_tensor * logits = ggml_mul_mat(ctx, model.output, x);  // [n_vocab, n_outputs]
+    ggml_tensor * logits = ggml_mul_mat(ctx, head_w, x);  // [n_vocab or n_short, n_outputs]
     if (hp.final_logit_softcap > 0.0f) {
         logits = ggml_scale(ctx, logits, 1.0f / hp.final_logit_softcap);
         logits = ggml_tanh(ctx, logits);
         logits = ggml_scale(ctx, logits, hp.final_logit_softcap);
     }
     return logits;
+}
+
+ggml_tensor * build_pass(GraphBuilder & g) {
+    const PassSpec & pass = g.pass;
+    ggml_tensor *    x    = pass.l_begin == 0 ? g.embed_tokens()                              // [n_embd, n_tokens]
+                                              : ggml_get_rows(g.ctx, g.hidden, g.inp_rows_get);  // [n_embd, n_tokens]
+    for (uint32_t il = pass.l_begin; il < g.l_end; ++il) {
+        x = g.model.spec->build_layer(g, il, x);
+    }
+    if (pass.keep_hidden) {
+        ggml_build_forward_expand(g.gf, ggml_set_rows(g.ctx, g.hidden, x, g.inp_rows_set));
+    }
+    if (pass.fill_kv) {
+        for (uint32_t il = g.l_end; il < g.hp.n_layer; ++il) {
+            g.fill_kv(il, x);
+        }
+    }
+    switch (pass.head) {
+        case Head::Full:      return g.lm_head(x, g.model.output);  // [n_vocab, n_outputs]
+        case Head::Shortlist: return g.lm_head(x, g.shortlist);     // [n_short, n_outputs]
+        case Head::None:      break;
+    }
+    return x;
 }
 
 }  // namespace appliance

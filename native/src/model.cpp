@@ -80,6 +80,18 @@ ggml_backend_buffer_t upload(ggml_backend_buffer_type_t buft, const std::vector<
 
 }  // namespace
 
+ggml_backend_buffer_type_t matmul_buft(const Model & m, ggml_tensor * w) {
+    ggml_backend_dev_t cpu_dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    if (m.device == cpu_dev && m.use_repack) {
+        for (ggml_backend_buffer_type_t buft : cpu_extra_bufts(cpu_dev)) {
+            if (op_supported(cpu_dev, buft, w, TensorLoader::Use::MatMul)) {
+                return buft;
+            }
+        }
+    }
+    return ggml_backend_dev_buffer_type(m.device);
+}
+
 // ---------------------------------------------------------------------------------------------
 // TensorLoader
 
@@ -177,7 +189,8 @@ std::unique_ptr<Model> Model::load(const std::string & path, const ModelParams &
         throw RuntimeFailure("ggml has no CPU backend");
     }
     ggml_backend_dev_t gpu_dev = params.use_gpu ? ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_GPU) : nullptr;
-    m->device = gpu_dev ? gpu_dev : cpu_dev;
+    m->device     = gpu_dev ? gpu_dev : cpu_dev;
+    m->use_repack = params.use_repack;
 
     TensorLoader tl(f, cpu_dev);
     m->spec->load_tensors(*m, tl);

@@ -56,6 +56,7 @@ struct Model {
     ggml_backend_dev_t                 device = nullptr;  // where the graph runs (GPU or CPU)
     std::vector<ggml_backend_buffer_t> buffers;
     size_t                             weight_bytes = 0;
+    bool                               use_repack   = true;
 
     Model() = default;
     ~Model();
@@ -65,6 +66,10 @@ struct Model {
     // Throws ModelFormatError for anything wrong with the file.
     static std::unique_ptr<Model> load(const std::string & path, const ModelParams & params);
 };
+
+// The buffer type a matrix like `w` that mat-mul reads should live in on the model's device: a CPU
+// repack type when one takes it (and the model was loaded with use_repack), else the device's own.
+ggml_backend_buffer_type_t matmul_buft(const Model & m, ggml_tensor * w);
 
 // Looks up tensors by name while an architecture declares its weights: checks each one's shape
 // and type, remembers which op reads it (for buffer placement), and at the end refuses files that

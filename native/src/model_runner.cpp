@@ -17,6 +17,14 @@ namespace {
 // attention looks at a multiple of this many cells, so the graph keeps its shape across steps
 constexpr uint32_t kKvPad = 256;
 
+// inputs a pass does not read (token ids when it starts from hidden states, masks when it runs no
+// attention layer of that kind) are not in its graph and have no memory
+void set_input(ggml_tensor * t, const void * data, size_t bytes) {
+    if (t != nullptr && t->buffer != nullptr) {
+        ggml_backend_tensor_set(t, data, 0, bytes);
+    }
+}
+
 uint64_t now_us() {
     return static_cast<uint64_t>(
         std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now().time_since_epoch()).count());
@@ -37,28 +45,39 @@ ModelRunner::ModelRunner(const Model & model, uint32_t n_cells, uint32_t max_tok
     }
     ggml_backend_cpu_set_n_threads(backend_cpu_, n_threads_);
 
-    std::vector<ggml_backend_t> backends;
     if (model.device != cpu_dev) {
         backend_dev_ = ggml_backend_dev_init(model.device, nullptr);
         if (backend_dev_ == nullptr) {
             ggml_backend_free(backend_cpu_);
             throw RuntimeFailure(std::string("cannot initialise device ") + ggml_backend_dev_name(model.device));
         }
-        backends.push_back(backend_dev_);
+        backends_.push_back(backend_dev_);
     }
-    backends.push_back(backend_cpu_);
-
+    backends_.push_back(backend_cpu_);
     max_nodes_ = std::max<size_t>(2048, 16 * static_cast<size_t>(model.file->n_tensors()));
-    graph_mem_.resize(ggml_tensor_overhead() * max_nodes_ + ggml_graph_overhead_custom(max_nodes_, false));
-    sched_ = ggml_backend_sched_new(backends.data(), nullptr, static_cast<int>(backends.size()), max_nodes_,
-                                    /*parallel=*/false, /*op_offload=*/true);
+
+    // hidden states handed from one partial pass to the next (early exit)
+    ggml_init_params hp_params = {ggml_tensor_overhead(), nullptr, /*no_alloc=*/true};
+    hidden_ctx_ = ggml_init(hp_params);
+    hidden_     = ggml_new_tensor_2d(hidden_ctx_, GGML_TYPE_F32, model.hp.n_embd, max_tokens_);  // [n_embd, max_tokens]
+    ggml_set_name(hidden_, "hidden_store");
+    hidden_buf_ = ggml_backend_alloc_ctx_tensors_from_buft(hidden_ctx_, ggml_backend_dev_buffer_type(model.device));
+    if (hidden_buf_ == nullptr) {
+        ggml_free(hidden_ctx_);
+        ggml_backend_free(backend_cpu_);
+        if (backend_dev_) ggml_backend_free(backend_dev_);
+        throw RuntimeFailure("cannot allocate the hidden-state store");
+    }
 
     // reserve compute memory for the largest ordinary pass (a full batch over the whole cache), so
     // running out of memory shows here rather than mid-request
-    std::unique_ptr<BuiltGraph> worst = build(UBatchShape{max_tokens_, 1, kv_.n_cells()});
-    if (!ggml_backend_sched_reserve(sched_, worst->gf)) {
+    Slot &                      full  = slot_for(PassSpec{});
+    std::unique_ptr<BuiltGraph> worst = build(full, UBatchShape{max_tokens_, 1, kv_.n_cells()});
+    if (!ggml_backend_sched_reserve(full.sched, worst->gf)) {
         worst.reset();
-        ggml_backend_sched_free(sched_);
+        slots_.clear();
+        ggml_backend_buffer_free(hidden_buf_);
+        ggml_free(hidden_ctx_);
         ggml_backend_free(backend_cpu_);
         if (backend_dev_) ggml_backend_free(backend_dev_);
         throw RuntimeFailure("cannot reserve compute memory for a KV cache of " + std::to_string(n_cells) + " cells");
@@ -67,15 +86,33 @@ ModelRunner::ModelRunner(const Model & model, uint32_t n_cells, uint32_t max_tok
 
 ModelRunner::BuiltGraph::~BuiltGraph() { ggml_free(ctx); }
 
-std::unique_ptr<ModelRunner::BuiltGraph> ModelRunner::build(const UBatchShape & shape) {
-    graph_.reset();  // shares graph_mem_
+ModelRunner::Slot::~Slot() {
+    graph.reset();
+    if (sched) ggml_backend_sched_free(sched);
+}
+
+ModelRunner::Slot & ModelRunner::slot_for(const PassSpec & pass) {
+    for (auto & s : slots_) {
+        if (s->pass == pass) return *s;
+    }
+    auto s   = std::make_unique<Slot>();
+    s->pass  = pass;
+    s->sched = ggml_backend_sched_new(backends_.data(), nullptr, static_cast<int>(backends_.size()), max_nodes_,
+                                      /*parallel=*/false, /*op_offload=*/true);
+    s->graph_mem.resize(ggml_tensor_overhead() * max_nodes_ + ggml_graph_overhead_custom(max_nodes_, false));
+    slots_.push_back(std::move(s));
+    return *slots_.back();
+}
+
+std::unique_ptr<ModelRunner::BuiltGraph> ModelRunner::build(Slot & slot, const UBatchShape & shape) {
+    slot.graph.reset();  // shares slot.graph_mem
     auto bg = std::make_unique<BuiltGraph>();
-    ggml_init_params p = {graph_mem_.size(), graph_mem_.data(), /*no_alloc=*/true};
+    ggml_init_params p = {slot.graph_mem.size(), slot.graph_mem.data(), /*no_alloc=*/true};
     bg->ctx   = ggml_init(p);
     bg->gf    = ggml_new_graph_custom(bg->ctx, max_nodes_, false);
     bg->shape = shape;
-    GraphBuilder g(bg->ctx, bg->gf, model_, kv_, shape);
-    bg->logits = model_.spec->build_graph(g);  // [n_vocab, n_outputs]
+    GraphBuilder g(bg->ctx, bg->gf, model_, kv_, shape, slot.pass, hidden_, shortlist_ ? shortlist_->weights() : nullptr);
+    bg->logits = build_pass(g);  // [n_vocab or n_short, n_outputs], or the hidden state when no head
     ggml_build_forward_expand(bg->gf, bg->logits);
     bg->tokens   = g.inp_tokens;
     bg->pos      = g.inp_pos;
@@ -83,20 +120,26 @@ std::unique_ptr<ModelRunner::BuiltGraph> ModelRunner::build(const UBatchShape & 
     bg->mask     = g.inp_mask;
     bg->mask_swa = g.inp_mask_swa;
     bg->out_ids  = g.inp_out_ids;
+    bg->rows_get = g.inp_rows_get;
+    bg->rows_set = g.inp_rows_set;
     return bg;
 }
 
 ModelRunner::~ModelRunner() {
-    graph_.reset();
-    ggml_backend_sched_free(sched_);
+    slots_.clear();
+    shortlist_.reset();
+    ggml_backend_buffer_free(hidden_buf_);
+    ggml_free(hidden_ctx_);
     if (backend_dev_) ggml_backend_free(backend_dev_);
     ggml_backend_free(backend_cpu_);
 }
 
 size_t ModelRunner::compute_bytes() const {
     size_t total = 0;
-    for (int i = 0; i < ggml_backend_sched_get_n_backends(sched_); ++i) {
-        total += ggml_backend_sched_get_buffer_size(sched_, ggml_backend_sched_get_backend(sched_, i));
+    for (const auto & s : slots_) {
+        for (int i = 0; i < ggml_backend_sched_get_n_backends(s->sched); ++i) {
+            total += ggml_backend_sched_get_buffer_size(s->sched, ggml_backend_sched_get_backend(s->sched, i));
+        }
     }
     return total;
 }
@@ -107,11 +150,27 @@ void ModelRunner::set_n_threads(int n_threads) {
     ggml_backend_cpu_set_n_threads(backend_cpu_, n_threads);
 }
 
-void ModelRunner::run(const Batch & batch, std::vector<float> & logits) {
+void ModelRunner::set_shortlist(const std::vector<int32_t> & tokens) {
+    auto next = std::make_unique<Shortlist>(model_, tokens);
+    // graphs that read the old shortlist go with it
+    slots_.erase(std::remove_if(slots_.begin() + 1, slots_.end(),
+                                [](const std::unique_ptr<Slot> & s) { return s->pass.head == Head::Shortlist; }),
+                 slots_.end());
+    shortlist_ = std::move(next);
+}
+
+void ModelRunner::run(const Batch & batch, std::vector<float> & logits, const PassSpec & pass) {
     const HParams & hp        = model_.hp;
     const uint32_t  n         = batch.size();
     const uint32_t  n_outputs = static_cast<uint32_t>(batch.out_ids.size());
     GGML_ASSERT(n > 0 && n <= max_tokens_ && n_outputs > 0);
+    GGML_ASSERT(pass.is_full() || n_outputs == n);
+    GGML_ASSERT(pass.head != Head::Shortlist || shortlist_);
+    const bool rows = pass.l_begin > 0 || pass.keep_hidden;
+    if (rows) {
+        GGML_ASSERT(batch.hidden_rows.size() == n);
+        for (int32_t r : batch.hidden_rows) GGML_ASSERT(r >= 0 && static_cast<uint32_t>(r) < max_tokens_);
+    }
 
     // the cell of every token, and how far attention has to look
     cells_.resize(n);
@@ -129,20 +188,21 @@ void ModelRunner::run(const Batch & batch, std::vector<float> & logits) {
 
     const uint64_t    t0 = now_us();
     const UBatchShape shape{n, n_outputs, n_kv};
-    if (!graph_ || !(graph_->shape == shape)) {
-        graph_ = build(shape);
-        ggml_backend_sched_reset(sched_);
-        if (!ggml_backend_sched_alloc_graph(sched_, graph_->gf)) {
-            graph_.reset();
+    Slot &            slot = slot_for(pass);
+    if (!slot.graph || !(slot.graph->shape == shape)) {
+        slot.graph = build(slot, shape);
+        ggml_backend_sched_reset(slot.sched);
+        if (!ggml_backend_sched_alloc_graph(slot.sched, slot.graph->gf)) {
+            slot.graph.reset();
             throw RuntimeFailure("cannot allocate the compute graph");
         }
     }
-    const BuiltGraph & g  = *graph_;
+    const BuiltGraph & g  = *slot.graph;
     const uint64_t     t1 = now_us();
 
-    ggml_backend_tensor_set(g.tokens, batch.tokens.data(), 0, n * sizeof(int32_t));
-    ggml_backend_tensor_set(g.pos, batch.pos.data(), 0, n * sizeof(int32_t));
-    ggml_backend_tensor_set(g.kv_idx, cells_.data(), 0, n * sizeof(int64_t));
+    set_input(g.tokens, batch.tokens.data(), n * sizeof(int32_t));
+    set_input(g.pos, batch.pos.data(), n * sizeof(int32_t));
+    set_input(g.kv_idx, cells_.data(), n * sizeof(int64_t));
 
     // masks: a token sees the cells of positions 0..pos of its own sequence (the last n_swa of
     // them on sliding-window layers); everything else is -inf
@@ -164,24 +224,36 @@ void ModelRunner::run(const Batch & batch, std::vector<float> & logits) {
             }
         }
     }
-    ggml_backend_tensor_set(g.mask, mask_.data(), 0, mask_.size() * sizeof(ggml_fp16_t));
+    set_input(g.mask, mask_.data(), mask_.size() * sizeof(ggml_fp16_t));
     if (g.mask_swa) {
-        ggml_backend_tensor_set(g.mask_swa, mask_swa_.data(), 0, mask_swa_.size() * sizeof(ggml_fp16_t));
+        set_input(g.mask_swa, mask_swa_.data(), mask_swa_.size() * sizeof(ggml_fp16_t));
     }
     if (g.out_ids) {
         ggml_backend_tensor_set(g.out_ids, batch.out_ids.data(), 0, n_outputs * sizeof(int32_t));
     } else {
         for (uint32_t i = 0; i < n_outputs; ++i) GGML_ASSERT(batch.out_ids[i] == static_cast<int32_t>(i));
     }
+    if (g.rows_get) {
+        ggml_backend_tensor_set(g.rows_get, batch.hidden_rows.data(), 0, n * sizeof(int32_t));
+    }
+    if (g.rows_set) {
+        rows64_.assign(batch.hidden_rows.begin(), batch.hidden_rows.end());
+        ggml_backend_tensor_set(g.rows_set, rows64_.data(), 0, n * sizeof(int64_t));
+    }
 
     const uint64_t t2 = now_us();
-    if (ggml_backend_sched_graph_compute(sched_, g.gf) != GGML_STATUS_SUCCESS) {
-        graph_.reset();
+    if (ggml_backend_sched_graph_compute(slot.sched, g.gf) != GGML_STATUS_SUCCESS) {
+        slot.graph.reset();
         throw RuntimeFailure("graph compute failed");
     }
     const uint64_t t3 = now_us();
-    logits.resize(static_cast<size_t>(n_outputs) * hp.n_vocab);
-    ggml_backend_tensor_get(g.logits, logits.data(), 0, logits.size() * sizeof(float));
+    if (pass.head == Head::None) {
+        logits.clear();
+    } else {
+        const size_t n_cols = pass.head == Head::Full ? hp.n_vocab : shortlist_->size();
+        logits.resize(static_cast<size_t>(n_outputs) * n_cols);
+        ggml_backend_tensor_get(g.logits, logits.data(), 0, logits.size() * sizeof(float));
+    }
     const uint64_t t4 = now_us();
 
     timings_.n_passes += 1;

@@ -6,6 +6,7 @@
 #include "ggml-backend.h"
 #include "graph.h"
 #include "kv_cache.h"
+#include "shortlist.h"
 
 #include <cstdint>
 #include <memory>
@@ -36,9 +37,19 @@ public:
 
     // One forward pass. Writes K/V of every batch token into its cell, attends each token to the
     // cells of positions 0..pos of its own sequence (within the window on sliding layers) and stores
-    // logits of batch.out_ids in `logits` ([out_ids.size()][n_vocab]).
-    // Preconditions: 0 < batch.size() <= max_tokens, !out_ids.empty(), every cell < n_cells.
-    void run(const Batch & batch, std::vector<float> & logits);
+    // logits of batch.out_ids in `logits` ([out_ids.size()][n_vocab], or [n_short] per output for
+    // the shortlist head; nothing for Head::None).
+    // A partial pass (early exit) reads or keeps hidden states in rows batch.hidden_rows of the
+    // runner's hidden store.
+    // Preconditions: 0 < batch.size() <= max_tokens, !out_ids.empty(), every cell < n_cells; for a
+    // partial pass every token is an output and has a hidden row < n_hidden_rows(); a shortlist head
+    // needs set_shortlist() first.
+    void run(const Batch & batch, std::vector<float> & logits, const PassSpec & pass = PassSpec{});
+
+    // The shortlisted head early exit uses (replaces any earlier one). Throws InvalidArgument.
+    void              set_shortlist(const std::vector<int32_t> & tokens);
+    const Shortlist * shortlist() const { return shortlist_.get(); }
+    uint32_t          n_hidden_rows() const { return max_tokens_; }
 
     uint32_t        n_cells() const { return kv_.n_cells(); }
     uint32_t        max_tokens() const { return max_tokens_; }
@@ -58,10 +69,20 @@ private:
         ggml_cgraph *  gf  = nullptr;
         UBatchShape    shape;
         ggml_tensor *  tokens = nullptr, *pos = nullptr, *kv_idx = nullptr, *mask = nullptr, *mask_swa = nullptr,
-                    *out_ids = nullptr, *logits = nullptr;
+                    *out_ids = nullptr, *rows_get = nullptr, *rows_set = nullptr, *logits = nullptr;
         ~BuiltGraph();
     };
-    std::unique_ptr<BuiltGraph> build(const UBatchShape & shape);
+    // One kind of pass (PassSpec) and its last graph, with its own scheduler and compute buffers,
+    // so alternating kinds (a draft, then a verification) do not rebuild each other's graphs.
+    struct Slot {
+        PassSpec                    pass;
+        ggml_backend_sched_t        sched = nullptr;
+        std::vector<uint8_t>        graph_mem;
+        std::unique_ptr<BuiltGraph> graph;
+        ~Slot();
+    };
+    Slot &                      slot_for(const PassSpec & pass);
+    std::unique_ptr<BuiltGraph> build(Slot & slot, const UBatchShape & shape);
 
     const Model &               model_;
     KvStorage                   kv_;
@@ -69,14 +90,17 @@ private:
     int                         n_threads_;
     ggml_backend_t              backend_cpu_ = nullptr;
     ggml_backend_t              backend_dev_ = nullptr;  // GPU backend, when the model lives there
-    ggml_backend_sched_t        sched_       = nullptr;
+    std::vector<ggml_backend_t> backends_;
     size_t                      max_nodes_;
-    std::vector<uint8_t>        graph_mem_;
-    std::unique_ptr<BuiltGraph> graph_;  // the last allocated graph
+    std::vector<std::unique_ptr<Slot>> slots_;  // slots_[0]: the full pass
+    std::unique_ptr<Shortlist>  shortlist_;
+    ggml_context *              hidden_ctx_ = nullptr;
+    ggml_backend_buffer_t       hidden_buf_ = nullptr;
+    ggml_tensor *               hidden_     = nullptr;  // [n_embd, max_tokens] F32
     Timings                     timings_;
     // scratch, reused across passes
     std::vector<ggml_fp16_t> mask_, mask_swa_;
-    std::vector<int64_t>     cells_;
+    std::vector<int64_t>     cells_, rows64_;
 };
 
 }  // namespace appliance

@@ -35,6 +35,10 @@ public:
     // The next pass. Sequences that can never fit the cache are returned in `out_of_memory`.
     std::vector<Scheduled> schedule(std::vector<Sequence *> & out_of_memory);
 
+    // Blocks for positions [0, n_tokens) of a running sequence, from free blocks only (no preemption);
+    // false when there are not enough (speculative drafting then drafts less).
+    bool     grow(Sequence & s, uint32_t n_tokens) { return ensure_blocks(s, n_tokens); }
+
     bool     idle() const { return waiting_.empty() && running_.empty(); }
     uint32_t n_waiting() const { return static_cast<uint32_t>(waiting_.size()); }
     uint32_t n_running() const { return static_cast<uint32_t>(running_.size()); }

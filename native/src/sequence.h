@@ -12,6 +12,10 @@ namespace appliance {
 
 enum class SeqStatus { Waiting, Running, Finished };
 
+// How a request decodes: every layer, self-speculatively (a cheap draft verified by the full model:
+// the same output), or with confidence-based early exit (faster, may differ from full depth).
+enum class ExitMode : uint8_t { Off, Lossless, Adaptive };
+
 struct Sequence {
     Sequence(int64_t id_, std::vector<int32_t> prompt, uint64_t salt_, const SamplingParams & sp, int32_t n_vocab)
         : id(id_), tokens(std::move(prompt)), n_prompt(static_cast<uint32_t>(tokens.size())), salt(salt_), sampler(sp, n_vocab) {}
@@ -31,6 +35,9 @@ struct Sequence {
     uint32_t             n_prompt_cached = 0; // prompt tokens the prefix cache served at first schedule
     bool                 scheduled_once = false;
     uint32_t             n_preemptions = 0;
+    ExitMode             exit_mode = ExitMode::Off;
+    float                exit_threshold = -1.0f;  // adaptive: < 0 uses the calibrated threshold of each exit layer
+    uint32_t             draft_len = 4;           // lossless: positions drafted per round, adapted to acceptance
 
     uint32_t n_generated() const { return static_cast<uint32_t>(tokens.size()) - n_prompt; }
 };

@@ -65,33 +65,28 @@ void load_qk_norms(Model & m, TensorLoader & tl) {
     }
 }
 
-ggml_tensor * build_prenorm_decoder(GraphBuilder & g) {
-    const HParams & hp = g.hp;
-    ggml_tensor * x = g.embed_tokens();  // [n_embd, n_tokens]
+ggml_tensor * build_prenorm_layer(GraphBuilder & g, uint32_t il, ggml_tensor * x) {
+    const HParams &      hp       = g.hp;
+    const LayerWeights & L        = g.model.layers[il];
+    ggml_tensor *        residual = x;  // [n_embd, n_tokens]
 
-    for (uint32_t il = 0; il < hp.n_layer; ++il) {
-        const LayerWeights & L = g.model.layers[il];
-        ggml_tensor * residual = x;
+    ggml_tensor * h = g.rms_norm(x, L.attn_norm);
+    ggml_tensor *q, *k, *v;
+    g.qkv(L, h, &q, &k, &v);  // biases added inside when present
+    if (L.q_norm) q = g.rms_norm(q, L.q_norm);  // per head, over head_dim
+    if (L.k_norm) k = g.rms_norm(k, L.k_norm);
+    q = g.rope(q, il);
+    k = g.rope(k, il);
+    h = g.attention(il, q, k, v, hp.attn_scale);  // [n_embd, n_tokens]
 
-        ggml_tensor * h = g.rms_norm(x, L.attn_norm);
-        ggml_tensor *q, *k, *v;
-        g.qkv(L, h, &q, &k, &v);  // biases added inside when present
-        if (L.q_norm) q = g.rms_norm(q, L.q_norm);  // per head, over head_dim
-        if (L.k_norm) k = g.rms_norm(k, L.k_norm);
-        q = g.rope(q, il);
-        k = g.rope(k, il);
-        h = g.attention(il, q, k, v, hp.attn_scale);  // [n_embd, n_tokens]
-
-        if (il == hp.n_layer - 1) {  // only the output tokens go on
-            h        = g.select_outputs(h);
-            residual = g.select_outputs(residual);
-        }
-        ggml_tensor * ffn_in = ggml_add(g.ctx, h, residual);
-        h = g.rms_norm(ffn_in, L.ffn_norm);
-        h = g.ffn(L, h, FfnAct::Silu);
-        x = ggml_add(g.ctx, h, ffn_in);
+    if (il == hp.n_layer - 1) {  // only the output tokens go on
+        h        = g.select_outputs(h);
+        residual = g.select_outputs(residual);
     }
-    return g.lm_head(x);  // [n_vocab, n_outputs]
+    ggml_tensor * ffn_in = ggml_add(g.ctx, h, residual);
+    h = g.rms_norm(ffn_in, L.ffn_norm);
+    h = g.ffn(L, h, FfnAct::Silu);
+    return ggml_add(g.ctx, h, ffn_in);
 }
 
 }  // namespace appliance

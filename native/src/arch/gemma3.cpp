@@ -42,38 +42,33 @@ void load_tensors(Model & m, TensorLoader & tl) {
     }
 }
 
-ggml_tensor * build_graph(GraphBuilder & g) {
-    const HParams & hp = g.hp;
-    ggml_tensor * x = g.embed_tokens();  // [n_embd, n_tokens], scaled by sqrt(n_embd)
+ggml_tensor * build_layer(GraphBuilder & g, uint32_t il, ggml_tensor * x) {
+    const HParams &      hp = g.hp;
+    const LayerWeights & L  = g.model.layers[il];
 
-    for (uint32_t il = 0; il < hp.n_layer; ++il) {
-        const LayerWeights & L = g.model.layers[il];
+    ggml_tensor * h = g.rms_norm(x, L.attn_norm);  // [n_embd, n_tokens]
+    ggml_tensor *q, *k, *v;
+    g.qkv(L, h, &q, &k, &v);
+    q = g.rope(g.rms_norm(q, L.q_norm), il);
+    k = g.rope(g.rms_norm(k, L.k_norm), il);
+    q = ggml_scale(g.ctx, q, hp.attn_scale);  // scale q up front, as the reference does
+    h = g.attention(il, q, k, v, 1.0f);       // [n_embd, n_tokens]
 
-        ggml_tensor * h = g.rms_norm(x, L.attn_norm);
-        ggml_tensor *q, *k, *v;
-        g.qkv(L, h, &q, &k, &v);
-        q = g.rope(g.rms_norm(q, L.q_norm), il);
-        k = g.rope(g.rms_norm(k, L.k_norm), il);
-        q = ggml_scale(g.ctx, q, hp.attn_scale);  // scale q up front, as the reference does
-        h = g.attention(il, q, k, v, 1.0f);       // [n_embd, n_tokens]
-
-        if (il == hp.n_layer - 1) {
-            h = g.select_outputs(h);
-            x = g.select_outputs(x);
-        }
-        h = g.rms_norm(h, L.attn_post_norm);
-        ggml_tensor * sa_out = ggml_add(g.ctx, h, x);
-
-        h = g.rms_norm(sa_out, L.ffn_norm);
-        h = g.ffn(L, h, FfnAct::Gelu);
-        h = g.rms_norm(h, L.ffn_post_norm);
-        x = ggml_add(g.ctx, h, sa_out);
+    if (il == hp.n_layer - 1) {
+        h = g.select_outputs(h);
+        x = g.select_outputs(x);
     }
-    return g.lm_head(x);  // [n_vocab, n_outputs]
+    h = g.rms_norm(h, L.attn_post_norm);
+    ggml_tensor * sa_out = ggml_add(g.ctx, h, x);
+
+    h = g.rms_norm(sa_out, L.ffn_norm);
+    h = g.ffn(L, h, FfnAct::Gelu);
+    h = g.rms_norm(h, L.ffn_post_norm);
+    return ggml_add(g.ctx, h, sa_out);
 }
 
 }  // namespace
 
-const ArchSpec kArchGemma3 = {"gemma3", load_hparams, load_tensors, build_graph};
+const ArchSpec kArchGemma3 = {"gemma3", load_hparams, load_tensors, build_layer};
 
 }  // namespace appliance

@@ -21,6 +21,6 @@ void load_tensors(Model & m, TensorLoader & tl) {
 
 }  // namespace
 
-const ArchSpec kArchLlama = {"llama", load_hparams, load_tensors, build_prenorm_decoder};
+const ArchSpec kArchLlama = {"llama", load_hparams, load_tensors, build_prenorm_layer};
 
 }  // namespace appliance

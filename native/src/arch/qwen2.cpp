@@ -27,6 +27,6 @@ void load_tensors(Model & m, TensorLoader & tl) {
 
 }  // namespace
 
-const ArchSpec kArchQwen2 = {"qwen2", load_hparams, load_tensors, build_prenorm_decoder};
+const ArchSpec kArchQwen2 = {"qwen2", load_hparams, load_tensors, build_prenorm_layer};
 
 }  // namespace appliance

@@ -20,6 +20,6 @@ void load_tensors(Model & m, TensorLoader & tl) {
 
 }  // namespace
 
-const ArchSpec kArchQwen3 = {"qwen3", load_hparams, load_tensors, build_prenorm_decoder};
+const ArchSpec kArchQwen3 = {"qwen3", load_hparams, load_tensors, build_prenorm_layer};
 
 }  // namespace appliance

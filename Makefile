@@ -17,7 +17,7 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 LLAMA_VERSION    := 0.3.36
 NATIVE_SRC       := $(shell find native -name '*.cpp' -o -name '*.h' -o -name CMakeLists.txt 2>/dev/null)
 
-.PHONY: serve test deps build models lint typecheck stubs bench bench-decode bench-batch bench-prefix bench-serve bench-context clean help
+.PHONY: serve test deps build models lint typecheck stubs bench bench-decode bench-batch bench-prefix bench-serve bench-context bench-early-exit calibrate-exit clean help
 
 help:
 	@echo "make serve   set up .venv, build, provision the default models, start the gRPC service"
@@ -81,7 +81,7 @@ typecheck: build
 stubs: build
 	$(PY) -m mypy.stubtest --allowlist native/stubtest-allowlist.txt appliance._native
 
-bench: bench-decode bench-batch bench-prefix bench-serve bench-context
+bench: bench-decode bench-batch bench-prefix bench-serve bench-context bench-early-exit
 
 bench-decode: build models
 	$(VENV)/bin/appliance bench decode --json
@@ -97,6 +97,13 @@ bench-serve: build models
 
 bench-context: build models
 	$(VENV)/bin/appliance bench context --json
+
+# early exit needs the default model's calibration (about 2 minutes on 2 quiet cores; stored with the model)
+calibrate-exit: build models
+	$(VENV)/bin/appliance models calibrate-exit gemma3-270m-q4km
+
+bench-early-exit: calibrate-exit
+	$(VENV)/bin/appliance bench early-exit --json
 
 clean:
 	rm -rf build $(VENV)

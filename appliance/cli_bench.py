@@ -73,6 +73,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     c.add_argument("--max-tokens", type=int, default=48, help="reply length per turn (default 48)")
     c.set_defaults(func=_runner(_context))
 
+    e = _add(
+        bsub,
+        "early-exit",
+        "decode tokens/s and agreement with full depth: off, lossless, adaptive; vs llama.cpp",
+        "Early exit: held-out prompts served greedily at each concurrency with early exit off, lossless "
+        "(self-speculative) and adaptive at the calibrated and two fixed thresholds; tokens/s, agreement with "
+        "full-depth output, mean layers per token, and llama.cpp's batched decode in the same run. Needs the "
+        "model's calibration (appliance models calibrate-exit).",
+    )
+    e.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
+    e.add_argument("--prompts", type=int, default=50, help="held-out prompts served per mode (default 50)")
+    e.add_argument("--tokens", type=int, default=48, help="tokens generated per prompt (default 48)")
+    e.set_defaults(func=_runner(_early_exit))
+
 
 def _add(
     bsub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str, desc: str
@@ -138,6 +152,12 @@ def _serve(model: str, threads: int, a: argparse.Namespace) -> dict[str, Any]:
     from appliance.bench.serve import bench_serve
 
     return bench_serve(model, threads, tuple(a.concurrency))
+
+
+def _early_exit(model: str, threads: int, a: argparse.Namespace) -> dict[str, Any]:
+    from appliance.bench.early_exit import bench_early_exit
+
+    return bench_early_exit(model, threads, tuple(a.concurrency), a.prompts, a.tokens)
 
 
 def _context(model: str, threads: int, a: argparse.Namespace) -> dict[str, Any]:

@@ -49,7 +49,13 @@ class Pipeline:
     async def run(self, raw: Any, tenant: str, *, chat: bool) -> AsyncIterator[Delta | Result]:
         """Serve one request: yields text deltas, then the Result once its ledger row is committed."""
         t0 = time.perf_counter()
-        req = normalize(raw, tenant, chat=chat, default_max_tokens=self.model.default_max_tokens)
+        req = normalize(
+            raw,
+            tenant,
+            chat=chat,
+            default_max_tokens=self.model.default_max_tokens,
+            default_exit=self.backend.default_exit(self.model.early_exit),
+        )
         if await asyncio.to_thread(self.ledger.exists, req.tenant, req.request_id):
             raise AlreadyExists(f"request_id: '{req.request_id}' was already served for this tenant")
 
@@ -80,6 +86,10 @@ class Pipeline:
                         yield Delta(req.request_id, chunk.text)
                     finish = chunk.finish_reason or finish
                     usage.cached_tokens = chunk.cached_tokens or usage.cached_tokens
+                    if chunk.decode is not None:
+                        usage.early_exit_tokens = chunk.decode.early_tokens(self.backend.n_layer)
+                        usage.layers_per_token = round(chunk.decode.mean_layers, 3)
+                        usage.draft_acceptance = round(chunk.decode.acceptance, 3)
             except Exception:
                 finish = "error"
                 raise

@@ -235,3 +235,28 @@ def test_engine_without_calibration_refuses_early_exit(tiny_model: Callable[...,
             engine.close()
 
     asyncio.run(go())
+
+
+def test_service_serves_both_modes_with_usage(tiny_model: Callable[..., Path], tmp_path: Path) -> None:
+    from test_service_support import ServerProcess, write_config
+
+    src = tiny_model("llama", "F32", n_layer=4)
+    path = tmp_path / src.name
+    path.write_bytes(src.read_bytes())
+    prompts = [f"{w} and the {v}" for w in ("one", "two", "red", "blue", "cat", "dog") for v in ("sea", "sky")]
+    save_calibration(
+        calibrate(path, prompts, target=0.6, shortlist_size=64, max_tokens=8, threads=1, progress=None), path
+    )
+    srv = ServerProcess(write_config(tmp_path / "appliance.toml", path))
+    try:
+        with srv.client() as c:
+            off = c.generate(prompt="the cat and the", max_tokens=12, temperature=0, early_exit=1)
+            ll = c.generate(prompt="the cat and the", max_tokens=12, temperature=0, early_exit=2)
+            ad = c.generate(prompt="the cat and the", max_tokens=12, temperature=0, early_exit=3, exit_threshold=0.0)
+            default = c.generate(prompt="the cat and the", max_tokens=12, temperature=0)  # [model] early_exit
+    finally:
+        assert srv.stop() == 0
+    assert ll.text == off.text == default.text
+    assert off.usage.layers_per_token == 4 and off.usage.early_exit_tokens == 0
+    assert 0 <= ll.usage.draft_acceptance <= 1 and ll.usage.layers_per_token >= 4
+    assert ad.usage.early_exit_tokens > 0 and ad.usage.layers_per_token < 4

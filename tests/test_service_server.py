@@ -107,6 +107,8 @@ def test_tcp_needs_a_valid_token(server: ServerProcess) -> None:
         ({"prompt": "a", "stop": [""]}, "sampling.stop"),
         ({"prompt": "a", "max_cost": -1.0}, "max_cost"),
         ({"prompt": "word " * 9000}, "prompt"),
+        ({"prompt": "a", "early_exit": 3}, "sampling.early_exit"),  # this model has no calibration
+        ({"prompt": "a", "exit_threshold": 2.0}, "sampling.exit_threshold"),
     ],
 )
 def test_malformed_requests_name_the_field(server: ServerProcess, kwargs: dict[str, Any], field: str) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from appliance.async_engine import AsyncEngine
 from appliance.engine import Chunk
-from appliance.sampling import SamplingOptions
+from appliance.sampling import ExitMode, SamplingOptions
 
 
 class LocalBackend:
@@ -42,6 +42,17 @@ class LocalBackend:
             max_batched_tokens=max_batched_tokens,
         )
         return cls(engine, model_path.stem, n_ctx)
+
+    @property
+    def n_layer(self) -> int:
+        return int(self.engine.model.n_layer)
+
+    def default_exit(self, configured: str) -> ExitMode | None:
+        """The early-exit mode for requests that do not choose; None when the model has no calibration
+        (then only "off" can be served)."""
+        if self.engine.exit_calibration is None:
+            return None
+        return "lossless" if configured == "lossless" else "adaptive" if configured == "adaptive" else "off"
 
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
         return self.engine.tokenize(text, add_special=add_special, parse_special=True)

@@ -36,6 +36,7 @@ class Metrics:
             ("cached", u.cached_tokens),
             ("completion", u.completion_tokens),
             ("summary_saved", u.summary_saved_tokens),
+            ("early_exit", u.early_exit_tokens),
         ):
             self.tokens[(r.route, kind)] += n
         self.cost[(r.route, "actual")] += u.cost

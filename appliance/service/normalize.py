@@ -8,12 +8,13 @@ import uuid
 from typing import Any
 
 from appliance.engine import to_utf8
-from appliance.sampling import SamplingOptions
+from appliance.sampling import ExitMode, SamplingOptions
 from appliance.service.errors import InvalidArgument
 from appliance.service.types import ROLES, CachePolicy, ChatMessage, Passage, Request, RoutePolicy
 
 _CACHE: dict[int, CachePolicy] = {0: "auto", 1: "skip", 2: "read_only"}
 _ROUTE: dict[int, RoutePolicy] = {0: "auto", 1: "local_only", 2: "cloud_only"}
+_EXIT: dict[int, ExitMode] = {1: "off", 2: "lossless", 3: "adaptive"}
 _ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 MAX_STOP = 16
 
@@ -25,9 +26,26 @@ def _text(value: str, field: str) -> str:
         raise InvalidArgument(field, str(e)) from None
 
 
-def _sampling(msg: Any, default_max_tokens: int) -> SamplingOptions:
+def _early_exit(msg: Any, default_exit: ExitMode | None) -> dict[str, Any]:
+    """default_exit: the server's mode, or None when the model has no early-exit calibration."""
+    if msg.early_exit != 0 and msg.early_exit not in _EXIT:
+        raise InvalidArgument("sampling.early_exit", f"unknown value {msg.early_exit}")
+    mode = _EXIT.get(msg.early_exit, default_exit or "off")
+    if mode != "off" and default_exit is None:
+        raise InvalidArgument(
+            "sampling.early_exit", "the local model has no early-exit calibration (appliance models calibrate-exit)"
+        )
+    values: dict[str, Any] = {"early_exit": mode}
+    if msg.HasField("exit_threshold"):
+        if not (math.isfinite(msg.exit_threshold) and 0.0 <= msg.exit_threshold <= 1.0):
+            raise InvalidArgument("sampling.exit_threshold", "must be in [0, 1]")
+        values["exit_threshold"] = msg.exit_threshold
+    return values
+
+
+def _sampling(msg: Any, default_max_tokens: int, default_exit: ExitMode | None) -> SamplingOptions:
     base = SamplingOptions(max_tokens=default_max_tokens)
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = _early_exit(msg, default_exit)
     for name in ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed"):
         if msg.HasField(name):
             value = getattr(msg, name)
@@ -46,7 +64,9 @@ def _sampling(msg: Any, default_max_tokens: int) -> SamplingOptions:
     return opts
 
 
-def normalize(msg: Any, tenant: str, *, chat: bool, default_max_tokens: int) -> Request:
+def normalize(
+    msg: Any, tenant: str, *, chat: bool, default_max_tokens: int, default_exit: ExitMode | None = None
+) -> Request:
     request_id = msg.request_id or uuid.uuid4().hex
     if not _ID.fullmatch(request_id):
         raise InvalidArgument("request_id", "must be 1-128 characters of [A-Za-z0-9_.:-]")
@@ -86,7 +106,7 @@ def normalize(msg: Any, tenant: str, *, chat: bool, default_max_tokens: int) -> 
         messages=tuple(messages),
         session_id=msg.session_id,
         chat=chat,
-        sampling=_sampling(msg.sampling, default_max_tokens),
+        sampling=_sampling(msg.sampling, default_max_tokens, default_exit),
         cache_policy=_CACHE[msg.cache_policy],
         route_policy=_ROUTE[msg.route_policy],
         max_cost=max_cost,

@@ -52,6 +52,8 @@ def result_to_proto(r: Result) -> Any:
             counterfactual_cost=u.counterfactual_cost,
             summary_saved_tokens=u.summary_saved_tokens,
             early_exit_tokens=u.early_exit_tokens,
+            layers_per_token=u.layers_per_token,
+            draft_acceptance=u.draft_acceptance,
             latency_ms=u.latency_ms,
             first_token_ms=u.first_token_ms,
         ),
@@ -139,6 +141,12 @@ class ApplianceServer:
             cache=cache,
         )
         log.info("model %s loaded in %.1f s; serving", backend.name, time.perf_counter() - t0)
+        if backend.default_exit(self.cfg.model.early_exit) is None and self.cfg.model.early_exit != "off":
+            log.warning(
+                "early exit (%s) is off: %s has no calibration; run `appliance models calibrate-exit`",
+                self.cfg.model.early_exit,
+                backend.name,
+            )
         if not self.admission.closed:
             await self._set_health(serving=True)
 

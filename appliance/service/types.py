@@ -48,6 +48,8 @@ class Usage(msgspec.Struct, kw_only=True):
     counterfactual_cost: float = 0.0
     summary_saved_tokens: int = 0
     early_exit_tokens: int = 0
+    layers_per_token: float = 0.0
+    draft_acceptance: float = 0.0
     latency_ms: float = 0.0
     first_token_ms: float = 0.0
 

@@ -201,7 +201,7 @@ std::vector<Event> BatchEngine::step() {
         const float * row = logits_.data() + out_row++ * model_.hp.n_vocab;
         const int32_t tok = s.sampler.sample(row, s.tokens);
         events.push_back(Event{s.id, {}, "", s.n_prompt, s.n_prompt_cached});
-        events.back().layers_run = sc.n_tokens * model_.hp.n_layer;
+        events.back().layers_run = model_.hp.n_layer;  // for the new token (a prompt's layers are not counted)
         events.back().exit_layers.push_back(static_cast<uint16_t>(model_.hp.n_layer));
         ++n_tokens;
         emit(s, tok, events);

@@ -56,7 +56,7 @@ struct Event {
     uint32_t             n_prompt        = 0;
     uint32_t             n_prompt_cached = 0;  // prompt tokens served from the prefix cache
     // early exit, for this step's tokens
-    uint32_t             layers_run = 0;       // layer evaluations spent on this request (drafts included)
+    uint32_t             layers_run = 0;       // layer evaluations spent deciding the new tokens (drafts included; prompts not)
     uint32_t             n_drafted  = 0;       // lossless: positions drafted
     uint32_t             n_accepted = 0;       // lossless: drafted tokens the full model agreed with
     std::vector<uint16_t> exit_layers;         // per new token: the layer count it was decided at

@@ -24,7 +24,7 @@ help:
 	@echo "make test    lint, type-check, stub check and the test suite"
 	@echo "make bench   benchmark our engine against llama.cpp on the default model (JSON)"
 
-serve: build models
+serve: build models calibrate-exit
 	$(VENV)/bin/appliance serve
 
 test: build models lint typecheck stubs
@@ -98,9 +98,9 @@ bench-serve: build models
 bench-context: build models
 	$(VENV)/bin/appliance bench context --json
 
-# early exit needs the default model's calibration (about 2 minutes on 2 quiet cores; stored with the model)
+# early exit needs the default model's calibration: made once (a few minutes on 2 cores), stored with the model
 calibrate-exit: build models
-	$(VENV)/bin/appliance models calibrate-exit gemma3-270m-q4km
+	$(VENV)/bin/appliance models calibrate-exit gemma3-270m-q4km --if-missing
 
 bench-early-exit: calibrate-exit
 	$(VENV)/bin/appliance bench early-exit --json

@@ -113,6 +113,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--draft-exit-layer", type=int, default=0, help="lossless draft exits after this layer (0: none)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: all available)")
     p.add_argument("--json", action="store_true", help="print the calibration as JSON")
+    p.add_argument("--if-missing", action="store_true", help="do nothing when the model has a valid calibration")
     p.set_defaults(func=cmd_calibrate_exit)
 
 
@@ -215,12 +216,26 @@ def cmd_verify(args: argparse.Namespace, manifest: Manifest) -> int:
 def cmd_calibrate_exit(args: argparse.Namespace) -> int:
     import msgspec
 
-    from appliance.early_exit import packaged_prompts, read_prompts, save_calibration
+    from appliance.early_exit import (
+        CalibrationError,
+        calibration_path,
+        load_calibration,
+        packaged_prompts,
+        read_prompts,
+        save_calibration,
+    )
     from appliance.exit_calibrate import calibrate
     from appliance.modelref import resolve_model
 
     try:
         path = resolve_model(args.name)
+        if args.if_missing:
+            try:
+                if load_calibration(path) is not None:
+                    print(f"{calibration_path(path)} is up to date", file=sys.stderr)
+                    return EXIT_OK
+            except CalibrationError as exc:
+                print(f"{exc}: calibrating again", file=sys.stderr)
         if args.corpus:
             prompts = read_prompts(args.corpus.read_text("utf-8"))
         else:

@@ -75,6 +75,29 @@ def local_agreement(ctx: _native.Context, prompts: list[list[int]], outs: list[l
     return agree / max(1, n)
 
 
+def pass_costs(ctx: _native.Context, n_layer: int, exit_layers: list[int], reps: int = 20) -> dict[str, float]:
+    """Milliseconds (best of `reps`) of one decode position's passes: what each part of early exit costs."""
+
+    def best(**kw: Any) -> float:
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            ctx.run_pass([100], **kw)
+            times.append(time.perf_counter() - t0)
+        return round(min(times) * 1e3, 3)
+
+    out = {
+        "full_pass_ms": best(),
+        "layers_only_ms": best(head="none"),
+        "full_head_only_ms": best(l_begin=n_layer, head="full"),
+        "shortlist_head_only_ms": best(l_begin=n_layer, head="shortlist"),
+        "draft_pass_ms": best(head="shortlist", keep_hidden=True),
+    }
+    for e in exit_layers:  # an exit check: the segment to layer e, the shortlisted head and the K/V fill
+        out[f"exit_segment_0_{e}_ms"] = best(l_end=e, head="shortlist", keep_hidden=True, fill_kv=True)
+    return out
+
+
 def bench_early_exit(
     model: str,
     threads: int,
@@ -94,6 +117,7 @@ def bench_early_exit(
     eog = [t for t in (vocab.eos, vocab.eot) if t >= 0]
     ctx = _native.Context(m, n_ctx=max(len(p) for p in prompts) + n_gen + 8, n_threads=threads)
     ctx.set_shortlist(cal.shortlist)
+    ctx.decode(prompts[0])
     modes: list[tuple[str, str, float]] = [("off", "off", -1.0), ("lossless", "lossless", -1.0)]
     modes += [("adaptive", "adaptive", -1.0)] + [("adaptive", "adaptive", t) for t in fixed_thresholds]
     res: dict[str, Any] = {
@@ -115,6 +139,7 @@ def bench_early_exit(
         "adaptive": [],
         "ref_decode_tps": [],
     }
+    res["pass_costs"] = pass_costs(ctx, int(m.n_layer), cal.exit_layers)
     for c in concurrency:
         engine = _native.BatchEngine(
             m,

@@ -117,13 +117,28 @@ def build_shortlist(sequences: Iterable[Iterable[int]], n_vocab: int, size: int)
     return out
 
 
+def wilson_lower(hits: npt.NDArray[np.float64], n: npt.NDArray[np.float64], z: float) -> npt.NDArray[np.float64]:
+    """Lower end of the Wilson score interval for a proportion hits/n."""
+    p = hits / n
+    centre = p + z * z / (2 * n)
+    spread = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    out: npt.NDArray[np.float64] = (centre - spread) / (1 + z * z / n)
+    return out
+
+
 def choose_thresholds(
-    conf: npt.NDArray[np.float32], agree: npt.NDArray[np.bool_], target: float, min_support: int = 20
+    conf: npt.NDArray[np.float32],
+    agree: npt.NDArray[np.bool_],
+    target: float,
+    min_support: int = 20,
+    z: float = 1.28,
 ) -> list[float]:
     """Per exit layer (columns, in order), the lowest confidence threshold at which the tokens that
-    would exit there agree with the full model at least `target` of the time. Layers are taken in
-    order and a token that exits at one is not counted at later ones, as in decoding. A layer with
-    fewer than `min_support` qualifying exits gets 1.0 (never exit)."""
+    would exit there agree with the full model at least `target` of the time, judged by the lower end
+    of a Wilson interval (z = 1.28: 90% one-sided) so that the target holds on new text too, not
+    only on the calibration corpus. Layers are taken in order and a token that exits at one is not
+    counted at later ones, as in decoding. A layer with fewer than `min_support` qualifying exits
+    gets 1.0 (never exit)."""
     if conf.shape != agree.shape or conf.ndim != 2:
         raise ValueError("conf and agree must both be [n_tokens, n_exits]")
     if not 0.0 < target <= 1.0:
@@ -133,9 +148,9 @@ def choose_thresholds(
     for x in range(conf.shape[1]):
         c, a = conf[remaining, x], agree[remaining, x]
         order = np.argsort(-c, kind="stable")
-        hits = np.cumsum(a[order])
-        n = np.arange(1, len(order) + 1)
-        ok = np.nonzero((hits / n >= target) & (n >= min_support))[0]
+        hits = np.cumsum(a[order]).astype(np.float64)
+        n = np.arange(1, len(order) + 1, dtype=np.float64)
+        ok = np.nonzero((wilson_lower(hits, n, z) >= target) & (n >= min_support))[0]
         if len(ok) == 0:
             out.append(1.0)
             continue

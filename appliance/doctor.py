@@ -193,15 +193,6 @@ def check_gpu(dev: Path = Path("/dev")) -> Check:
 # ---------------------------------------------------------------- ports and disk
 
 
-def _socket_alive(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(str(path))
-        except OSError:
-            return False
-    return True
-
-
 def _port_check(name: str, value: str, ours: bool) -> Check:
     host, port = hostport(value)
     if port == 0:
@@ -221,7 +212,9 @@ def _port_check(name: str, value: str, ours: bool) -> Check:
 
 
 def check_ports(cfg: Config) -> list[Check]:
-    ours = _socket_alive(cfg.server.socket_path())
+    from appliance.service.server import unix_socket_in_use
+
+    ours = unix_socket_in_use(cfg.server.socket_path())
     out = []
     for name, value in (("tcp port", cfg.server.tcp), ("metrics port", cfg.server.metrics)):
         if value:

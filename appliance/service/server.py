@@ -58,7 +58,7 @@ def result_to_proto(r: Result) -> Any:
     )
 
 
-def _unix_socket_in_use(path: Path) -> bool:
+def unix_socket_in_use(path: Path) -> bool:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         try:
             s.connect(str(path))
@@ -102,7 +102,7 @@ class ApplianceServer:
         path = self.socket_path
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
-            if _unix_socket_in_use(path):
+            if unix_socket_in_use(path):
                 raise OSError(f"another server is listening on {path}")
             path.unlink()
         server.add_insecure_port(f"unix:{path}")

@@ -14,7 +14,13 @@ we choose ourselves, and a variant is allowed only when
   XSAVE state (XCR0: AVX's YMM, AVX-512's opmask/ZMM, AMX's tile config/data) it did not enable;
 * for the AMX variant, ``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`` succeeds (Linux
   5.16+ hands out AMX tile state per process; ggml asks the same before it uses AMX);
-* ggml's own score for it is positive (its CPUID check).
+* ggml's own score for it is positive (its CPUID check);
+* it is not the AMX variant, unless asked for by name. Those checks are not enough for AMX: on a
+  VM here, /proc/cpuinfo listed amx_tile/amx_int8, XCR0 had the tile bits, arch_prctl granted tile
+  data and a small tileloadd/tdpbssd probe ran, yet ggml's AMX matmul died with SIGILL at its first
+  ``tilezero`` (the hypervisor does not keep AMX state usable). A server that really runs AMX can
+  opt in with ``APPLIANCE_GGML_CPU_VARIANT=sapphirerapids``; by default such a CPU gets the best
+  AVX-512 variant (zen4/cooperlake level), which uses everything but the tile unit.
 
 Among the allowed ones the highest ggml score wins. ``APPLIANCE_GGML_CPU_VARIANT=<name>`` forces
 a variant (still refused when this CPU cannot run it). We also never search the current directory
@@ -139,14 +145,18 @@ def _ggml_score(path: Path) -> int:
     return int(fn())
 
 
-def candidates(directory: Path, flags: frozenset[str] | None = None) -> list[Candidate]:
+def candidates(directory: Path, flags: frozenset[str] | None = None, forced: str | None = None) -> list[Candidate]:
     """Every variant in `directory`, with ggml's score for those we allow. A refused one is never
-    opened: opening runs its initialisers, compiled for its instruction set."""
+    opened: opening runs its initialisers, compiled for its instruction set. AMX variants are
+    refused unless `forced` names them (see the module docstring)."""
     flags = cpu_flags() if flags is None else flags
-    amx_ok = amx_permitted() if any(n in AMX_VARIANTS for n in variant_files(directory)) else False
+    amx_ok = amx_permitted() if forced in AMX_VARIANTS else False
     out = []
     for name, path in variant_files(directory).items():
-        why = refusal(name, flags, amx_ok)
+        if name in AMX_VARIANTS and forced != name:
+            why = f"AMX: only when asked for, {ENV_FORCE}={name} (its checks pass on hosts where AMX faults)"
+        else:
+            why = refusal(name, flags, amx_ok)
         score = -1 if why else _ggml_score(path)
         if not why and score <= 0:
             why = "ggml's CPUID check refuses it"
@@ -179,8 +189,9 @@ def load(directory: Path | None = None) -> Loaded:
     if directory is None or not variant_files(directory):
         _loaded = Loaded("built-in", None, ())
         return _loaded
-    cands = candidates(directory)
-    best = choose(cands, os.environ.get(ENV_FORCE) or None)
+    forced = os.environ.get(ENV_FORCE) or None
+    cands = candidates(directory, forced=forced)
+    best = choose(cands, forced)
     # the libggml our extension and llama_cpp already share (same file, so the same mapping)
     ggml = ctypes.CDLL(str(directory / "libggml.so.0"))
     ggml.ggml_backend_load.restype = ctypes.c_void_p

@@ -172,6 +172,53 @@ def _doctor(root: Path) -> dict[str, dict[str, str]]:
     return {c["name"]: c for c in report["checks"]}
 
 
+PORTABILITY_PROBE = """
+import sys
+from appliance import ggml_cpu
+from appliance.engine import Engine
+from appliance.sampling import SamplingOptions
+import hnswlib, numpy as np
+print("variant", ggml_cpu.loaded().name if ggml_cpu.loaded() else ggml_cpu.error(), flush=True)
+eng = Engine(sys.argv[1], n_ctx=128, n_threads=2)
+print("text", repr("".join(c.text for c in eng.generate("The sky is", SamplingOptions(temperature=0, max_tokens=2)))))
+idx = hnswlib.Index(space="cosine", dim=8)
+idx.init_index(max_elements=4)
+idx.add_items(np.eye(4, 8, dtype=np.float32))
+print("hnswlib", int(idx.knn_query(np.eye(1, 8, dtype=np.float32), k=1)[0][0][0]))
+"""
+
+
+def _check_on_an_emulated_haswell(root: Path) -> None:
+    """The installed venv (ggml, our extension, numpy, hnswlib) on an emulated AVX2-only CPU:
+    `qemu-x86_64 -cpu Haswell` runs no AVX-512 or AMX, so any such instruction is SIGILL there."""
+    qemu = shutil.which("qemu-x86_64")
+    if qemu is None:
+        return  # said in docs/install.md: the check needs Debian's qemu-user
+    python = root / "opt/appliance/current/venv/bin/python"
+    model = next((root / "opt/appliance/current/models").glob("gemma-*.gguf"))
+    env = {"PATH": "/usr/bin:/bin", "APPLIANCE_HOME": str(root / "var/lib/appliance")}
+    run = subprocess.run(
+        [qemu, "-cpu", "Haswell", str(python), "-c", PORTABILITY_PROBE, str(model)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    assert "variant haswell" in run.stdout
+    assert "text '" in run.stdout and "hnswlib 0" in run.stdout
+    # a forced AVX-512 variant is refused with a message, not run into SIGILL
+    forced = subprocess.run(
+        [qemu, "-cpu", "Haswell", str(python), "-c", "from appliance import ggml_cpu; print(ggml_cpu.error())"],
+        capture_output=True,
+        text=True,
+        env={**env, "APPLIANCE_GGML_CPU_VARIANT": "skylakex"},
+        timeout=600,
+    )
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    assert "skylakex cannot run on this CPU" in forced.stdout, forced.stdout
+
+
 def _ask(sock: Path) -> tuple[str, int]:
     with Client.connect(f"unix:{sock}") as c:
         r = c.generate(prompt="Name one colour of the sky.", max_tokens=8, temperature=0.0)
@@ -205,6 +252,8 @@ def test_bundle_installs_offline_serves_upgrades_and_uninstalls(
     doctor = _doctor(root)
     variant = doctor["ggml cpu variant"]["detail"]
     assert not variant.startswith("built-in"), "the bundle must carry ggml's CPU variants"
+    assert not variant.startswith("sapphirerapids"), "the AMX variant is opt-in only"
+    _check_on_an_emulated_haswell(root)
 
     # ------------------------------------------------------------------ start it as systemd would, ask it
     svc = Service(root, tmp_path)

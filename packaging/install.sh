@@ -94,6 +94,8 @@ else
     cp "$BUNDLE"/models/*.gguf "$RELEASE/models/"
     cp "$BUNDLE"/docs/* "$RELEASE/docs/"
     cp "$BUNDLE/systemd/appliance.service" "$BUNDLE/config/appliance.toml" "$BUNDLE/uninstall.sh" "$RELEASE/"
+    chmod -R go-w "$RELEASE"
+    chmod 0755 "$RELEASE"
     say "checking the installed models' sha256"
     (cd "$RELEASE" && grep '  models/' "$BUNDLE/SHA256SUMS" | sha256sum --check --quiet --strict) \
         || die "a model copied into $RELEASE/models does not match its sha256 (disk full or failing?)"
@@ -103,8 +105,6 @@ else
     APPLIANCE_HOME="$home" "$RELEASE/venv/bin/appliance" models verify >/dev/null \
         || { rm -rf "$home"; die "the models do not match the appliance's manifest"; }
     rm -rf "$home"
-    chmod -R go-w "$RELEASE"
-    chmod 0755 "$RELEASE"
     touch "$RELEASE/.complete"
 fi
 ln -sfn "releases/$RELEASE_ID" "$PREFIX/current.new"

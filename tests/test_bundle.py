@@ -165,6 +165,7 @@ def _doctor(root: Path) -> dict[str, dict[str, str]]:
         capture_output=True,
         text=True,
         env=env,
+        cwd=root,
         timeout=300,
     )
     report = json.loads(run.stdout)
@@ -202,6 +203,7 @@ def _check_on_an_emulated_haswell(root: Path) -> None:
         capture_output=True,
         text=True,
         env=env,
+        cwd=root,  # not the source tree: `python -c` puts the working directory on sys.path
         timeout=900,
     )
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
@@ -213,6 +215,7 @@ def _check_on_an_emulated_haswell(root: Path) -> None:
         capture_output=True,
         text=True,
         env={**env, "APPLIANCE_GGML_CPU_VARIANT": "skylakex"},
+        cwd=root,
         timeout=600,
     )
     assert forced.returncode == 0, forced.stderr[-2000:]

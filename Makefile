@@ -17,18 +17,20 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 LLAMA_VERSION    := 0.3.36
 NATIVE_SRC       := $(shell find native -name '*.cpp' -o -name '*.h' -o -name CMakeLists.txt 2>/dev/null)
 
-.PHONY: serve test deps build models lint typecheck stubs bench bench-decode bench-batch bench-prefix bench-serve bench-context bench-early-exit calibrate-exit clean help
+.PHONY: serve test test-bundle bundle shellcheck deps build models lint typecheck stubs bench bench-decode bench-batch bench-prefix bench-serve bench-context bench-early-exit calibrate-exit clean help
 
 help:
 	@echo "make serve   set up .venv, build, provision the default models, start the gRPC service"
 	@echo "make test    lint, type-check, stub check and the test suite"
 	@echo "make bench   benchmark our engine against llama.cpp on the default model (JSON)"
+	@echo "make bundle  the offline install bundle (build/bundle/appliance-*.tar.gz; docs/install.md)"
+	@echo "make test-bundle  build the bundle, install it offline into a temporary root, serve, upgrade, uninstall"
 
 serve: build models calibrate-exit
 	$(VENV)/bin/appliance serve
 
-test: build models lint typecheck stubs
-	$(PY) -m pytest -q
+test: build models lint typecheck stubs shellcheck
+	$(PY) -m pytest -q -m "not bundle"
 
 $(STAMPS)/venv:
 	$(PYTHON) -m venv $(VENV)
@@ -104,6 +106,36 @@ calibrate-exit: build models
 
 bench-early-exit: calibrate-exit
 	$(VENV)/bin/appliance bench early-exit --json
+# ---------------------------------------------------------------- the offline bundle
+# Its llama-cpp-python uses ggml's runtime CPU dispatch: every x86-64 CPU variant of the CPU backend
+# is built (x64 ... haswell, skylakex, icelake, zen4, sapphirerapids), and appliance/ggml_cpu.py loads
+# the best one this machine's kernel really enables, so the bundle runs on any x86-64 server, not only
+# on the machine that built it. CMAKE_INSTALL_BINDIR puts the variant modules in llama_cpp/lib.
+# About 30 minutes on 2 shared cores (measured: 1828 s); kept in build/wheels-dl like the wheel above.
+LLAMA_DL_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON \
+                       -DCMAKE_INSTALL_BINDIR=llama_cpp/lib -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+WHEELS_DL  := build/wheels-dl
+BUNDLE_OUT := build/bundle
+
+$(WHEELS_DL)/.built: constraints.txt $(STAMPS)/deps
+	@mkdir -p $(WHEELS_DL)
+	@if ! ls $(WHEELS_DL)/llama_cpp_python-$(LLAMA_VERSION)-*.whl >/dev/null 2>&1; then \
+	    echo "building llama-cpp-python $(LLAMA_VERSION) with every CPU variant (about 30 minutes on 2 cores)"; \
+	    CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="$(LLAMA_DL_CMAKE_ARGS)" \
+	        $(PIP) wheel --no-cache-dir --no-deps --no-build-isolation -w $(WHEELS_DL) llama-cpp-python==$(LLAMA_VERSION) || exit 1; \
+	fi
+	@touch $@
+
+bundle: build models $(WHEELS_DL)/.built
+	packaging/build-bundle.sh --python $(PY) --models $(APPLIANCE_HOME)/models --out $(BUNDLE_OUT) \
+	    --llama-wheel "$$(ls $(WHEELS_DL)/llama_cpp_python-$(LLAMA_VERSION)-*.whl)"
+
+test-bundle: bundle
+	APPLIANCE_BUNDLE="$$(ls $(BUNDLE_OUT)/appliance-*-linux-x86_64.tar.gz)" $(PY) -m pytest -q -m bundle tests/test_bundle.py
+
+# the install scripts (skipped with a note where shellcheck is not installed)
+shellcheck:
+	@if command -v shellcheck >/dev/null; then shellcheck packaging/*.sh; else echo "shellcheck not installed: skipped"; fi
 
 clean:
 	rm -rf build $(VENV)

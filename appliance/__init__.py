@@ -23,3 +23,14 @@ def _map_llama_cpp_libs() -> None:
 
 
 _map_llama_cpp_libs()
+
+
+def _load_ggml_cpu_backend() -> None:
+    """In a GGML_BACKEND_DL build, load the CPU backend variant for this machine (appliance.ggml_cpu)
+    before anything asks ggml for a device."""
+    from appliance import ggml_cpu
+
+    ggml_cpu.load_at_import()
+
+
+_load_ggml_cpu_backend()

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ def write_config(
 class ServerProcess:
     """`python -m appliance.cli_serve serve -c CONFIG` in a child process."""
 
-    def __init__(self, config: Path) -> None:
+    def __init__(self, config: Path, argv_prefix: Sequence[str] = (sys.executable,)) -> None:
         self.config = config
         self.socket = config.parent / "s.sock"
         self.log = config.parent / "server.log"
@@ -53,7 +53,7 @@ class ServerProcess:
         self.metrics = ""  # host:port of the metrics endpoint, when the test configured one
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "appliance.cli_serve", "serve", "-c", str(config)],
+            [*argv_prefix, "-m", "appliance.cli_serve", "serve", "-c", str(config)],
             stdout=subprocess.PIPE,
             stderr=self.log.open("wb"),
             env=env,

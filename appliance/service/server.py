@@ -60,7 +60,7 @@ def result_to_proto(r: Result) -> Any:
     )
 
 
-def _unix_socket_in_use(path: Path) -> bool:
+def unix_socket_in_use(path: Path) -> bool:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         try:
             s.connect(str(path))
@@ -85,6 +85,7 @@ class ApplianceServer:
         self._server: grpc.aio.Server | None = None
         self._metrics_server: asyncio.Server | None = None
         self._load_error: BaseException | None = None
+        self.loaded = asyncio.Event()  # set when loading ends, served or failed (see load_error)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -103,7 +104,7 @@ class ApplianceServer:
         path = self.socket_path
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
-            if _unix_socket_in_use(path):
+            if unix_socket_in_use(path):
                 raise OSError(f"another server is listening on {path}")
             path.unlink()
         server.add_insecure_port(f"unix:{path}")
@@ -130,6 +131,7 @@ class ApplianceServer:
         except Exception as e:  # reported by every request and by health staying NOT_SERVING
             log.error("loading failed: %s", e)
             self._load_error = e
+            self.loaded.set()
             return
         self.pipeline = Pipeline(
             backend=backend,
@@ -149,6 +151,11 @@ class ApplianceServer:
             )
         if not self.admission.closed:
             await self._set_health(serving=True)
+        self.loaded.set()
+
+    @property
+    def load_error(self) -> BaseException | None:
+        return self._load_error
 
     async def _set_health(self, *, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -360,16 +367,42 @@ def _totals_proto(t: Any) -> Any:
 async def serve(
     cfg: Config, load_backend: Callable[[], LocalBackend], ready: Callable[[ApplianceServer], None]
 ) -> None:
-    """Run until SIGTERM/SIGINT, then drain."""
+    """Run until SIGTERM/SIGINT, then drain. Under systemd (Type=notify) it tells the manager:
+    READY=1 once serving, WATCHDOG=1 pings while the loop runs, STOPPING=1 when draining."""
     import signal
 
+    from appliance.service.sdnotify import Notifier, watchdog_interval
+
+    notifier = Notifier.from_env()
+    pings: asyncio.Task[None] | None = None
+    interval = watchdog_interval()
+    if notifier.enabled and interval is not None:
+        pings = asyncio.get_running_loop().create_task(notifier.watchdog_loop(interval))
     server = ApplianceServer(cfg, load_backend)
     await server.start()
     ready(server)
+    notifier.status(f"loading the model; listening on unix:{server.socket_path}")
+
+    async def announce() -> None:
+        await server.loaded.wait()
+        if server.load_error is not None:
+            # no READY=1: systemd fails the start after TimeoutStartSec and Restart= applies
+            notifier.status(f"loading failed: {server.load_error}".replace("\n", " "))
+        elif not server.admission.closed:
+            notifier.ready(f"serving on unix:{server.socket_path}")
+
+    announcing = asyncio.get_running_loop().create_task(announce())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("draining (up to %.0f s)", cfg.server.drain_timeout_s)
-    await server.stop()
+    announcing.cancel()
+    notifier.stopping(f"draining (up to {cfg.server.drain_timeout_s:.0f} s)")
+    try:
+        await server.stop()
+    finally:
+        if pings is not None:
+            pings.cancel()
+        notifier.close()

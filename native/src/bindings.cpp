@@ -3,6 +3,7 @@
 #include "arch/arch.h"
 #include "batch_engine.h"
 #include "context.h"
+#include "cpu_backend.h"
 #include "error.h"
 #include "log.h"
 #include "model.h"
@@ -10,7 +11,8 @@
 #include "vocab.h"
 
 #include "ggml-backend.h"
-#include "ggml-cpu.h"
+
+#include <algorithm>
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -117,10 +119,13 @@ PYBIND11_MODULE(_native, m) {
           "Comma-separated names of the model architectures the core runs.");
     m.def("system_info", []() {
         py::dict d;
-        d["avx2"]   = static_cast<bool>(ggml_cpu_has_avx2());
-        d["avx512"] = static_cast<bool>(ggml_cpu_has_avx512());
-        d["f16c"]   = static_cast<bool>(ggml_cpu_has_f16c());
-        d["fma"]    = static_cast<bool>(ggml_cpu_has_fma());
+        std::vector<std::string> feats = cpu_features();
+        auto has = [&](const char * name) { return std::find(feats.begin(), feats.end(), std::string(name) + "=1") != feats.end(); };
+        d["avx2"]   = has("AVX2");
+        d["avx512"] = has("AVX512");
+        d["f16c"]   = has("F16C");
+        d["fma"]    = has("FMA");
+        d["cpu_features"] = feats;
         py::list devs;
         for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
             ggml_backend_dev_t dev = ggml_backend_dev_get(i);

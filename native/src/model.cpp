@@ -3,7 +3,7 @@
 #include "arch/arch.h"
 #include "error.h"
 
-#include "ggml-cpu.h"
+#include "cpu_backend.h"
 
 #include <algorithm>
 #include <map>
@@ -227,7 +227,7 @@ std::unique_ptr<Model> Model::load(const std::string & path, const ModelParams &
         m->weight_bytes += ggml_backend_buffer_get_size(m->buffers.back());
     }
     if (!mapped.empty()) {
-        ggml_backend_buffer_t buf = ggml_backend_cpu_buffer_from_ptr(f.map_base(), f.map_size());
+        ggml_backend_buffer_t buf = cpu_buffer_from_ptr(f.map_base(), f.map_size());
         ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
         m->buffers.push_back(buf);
         for (ggml_tensor * t : mapped) {

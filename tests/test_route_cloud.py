@@ -137,7 +137,7 @@ def test_malformed_json_in_stream_and_body(cloud: FakeCloud) -> None:
         _run(_openai(cloud), retries=0)
     assert e.value.kind == "malformed" and "not JSON" in str(e.value)
     cloud.script = [json_answer({"choices": []})]
-    with pytest.raises(CloudError, match="no choices.0"):
+    with pytest.raises(CloudError, match=r"no choices\.0"):
         _run(_openai(cloud), retries=0)
 
 

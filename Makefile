@@ -17,7 +17,7 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 LLAMA_VERSION    := 0.3.36
 NATIVE_SRC       := $(shell find native -name '*.cpp' -o -name '*.h' -o -name CMakeLists.txt 2>/dev/null)
 
-.PHONY: serve test deps build models lint typecheck stubs bench bench-decode bench-batch bench-prefix bench-serve bench-context clean help
+.PHONY: serve test deps build models lint typecheck stubs bench bench-decode bench-batch bench-prefix bench-serve bench-context bench-savings clean help
 
 help:
 	@echo "make serve   set up .venv, build, provision the default models, start the gRPC service"
@@ -83,7 +83,7 @@ typecheck: build
 stubs: build
 	$(PY) -m mypy.stubtest --allowlist native/stubtest-allowlist.txt appliance._native
 
-bench: bench-decode bench-batch bench-prefix bench-serve bench-context
+bench: bench-decode bench-batch bench-prefix bench-serve bench-context bench-savings
 
 bench-decode: build models
 	$(VENV)/bin/appliance bench decode --json
@@ -99,6 +99,11 @@ bench-serve: build models
 
 bench-context: build models
 	$(VENV)/bin/appliance bench context --json
+
+# BANKING77 (the workplace's shared copy) as the support questions
+BANKING77 ?= ../shared/data/banking77/train.csv
+bench-savings: build models
+	$(VENV)/bin/appliance bench savings --queries $(BANKING77) --json
 
 clean:
 	rm -rf build $(VENV)

@@ -4,12 +4,7 @@ on loopback), and a cloud that cannot be reached."""
 
 from __future__ import annotations
 
-import socket
 import sqlite3
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,48 +12,19 @@ from typing import Any
 import pytest
 from test_service_support import ServerProcess, write_config
 
+from appliance.bench.common import free_port, start_llama_server
+
 HARD = "Prove by contradiction that there are infinitely many primes, and explain every step of the argument."
 EASY = "My card has not arrived yet, what should I do?"
 ROUTE_CLOUD, ROUTE_LOCAL = 3, 2
 CLOUD_ONLY, LOCAL_ONLY = 2, 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def llama_cloud(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`python -m llama_cpp.server` on the default model: a real OpenAI-compatible endpoint."""
-    port = _free_port()
     log = tmp_path_factory.mktemp("llama-server") / "server.log"
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(default_model), "--host", "127.0.0.1"]
-    cmd += [
-        "--port",
-        str(port),
-        "--n_ctx",
-        "2048",
-        "--n_threads",
-        "1",
-        "--model_alias",
-        "cloud-gemma",
-        "--chat_format",
-        "gemma",
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("wb"))
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(url + "/models", timeout=1).read()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"llama_cpp.server did not start: {log.read_text()[-2000:]}") from None
-            time.sleep(0.2)
+    proc, url = start_llama_server(str(default_model), log, alias="cloud-gemma")
     yield url
     proc.terminate()
     proc.wait(30)
@@ -148,7 +114,7 @@ def test_per_request_ceiling_keeps_an_expensive_request_local(served: ServerProc
 def test_unreachable_cloud_degrades_to_local_and_cloud_only_without_cloud_is_refused(
     tiny_model: Any, tmp_path: Path
 ) -> None:
-    dead = f"http://127.0.0.1:{_free_port()}/v1"  # nothing listens there
+    dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
     srv = _server(tmp_path, tiny_model("gemma3"), dead)
     try:
         with srv.client("acme") as c:

@@ -15,7 +15,7 @@ from appliance.cloud.client import CloudBackend
 from appliance.cloud.types import CloudError, Reply
 from appliance.route.budget import Budget
 from appliance.route.cascade import assess
-from appliance.route.stage import Routing
+from appliance.route.stage import Routed, Routing
 from appliance.service.admission import Admission
 from appliance.service.cache_stage import PassThroughCache, SemanticCacheStage
 from appliance.service.config import Config, ModelConfig, PricingConfig
@@ -75,7 +75,8 @@ class Pipeline:
             session = await asyncio.to_thread(self.history.load, req.tenant, req.session_id) if req.chat else None
             built = await self._build_context(req, session)
             tokens = self._tokenize(req, built)
-            routed = await self.routing.within_budget(req, routed, len(tokens))
+            routed = await self.routing.within_budget(req, self._overflow(routed, tokens, cloud), len(tokens))
+            self._check_fits(req, routed, tokens)
             out = Served(routed, self.backend.name, len(tokens))
             try:
                 if routed.route == "cloud" and cloud is not None:
@@ -147,6 +148,10 @@ class Pipeline:
         async for delta in self._cloud(req, built, cloud, out, t0):
             yield delta
         if out.route != "cloud":
+            if len(tokens) >= self.backend.n_ctx:
+                raise Unavailable(
+                    f"the cloud could not answer and {len(tokens)} tokens do not fit the local model's context"
+                )
             self._check_cost(req, len(tokens))
             async for delta in self._local(req, tokens, out, t0):
                 yield delta
@@ -210,14 +215,24 @@ class Pipeline:
         return self.context.single(req.messages, req.prompt, req.context, self.model.context_budget)
 
     def _tokenize(self, req: Request, built: Built) -> list[int]:
-        field = "messages" if req.messages else "prompt"
         if built.messages:
             tokens = self.backend.tokenize_chat(self.backend.render_chat(built.messages))
         else:
             tokens = self.backend.tokenize(with_passages(req.prompt, built.passages))
-        if len(tokens) >= self.backend.n_ctx:
-            raise InvalidArgument(field, f"{len(tokens)} tokens do not fit the model's context of {self.backend.n_ctx}")
         return tokens
+
+    def _overflow(self, routed: Routed, tokens: list[int], cloud: CloudBackend | None) -> Routed:
+        """A prompt too long for the local model goes to the cloud when it may."""
+        if len(tokens) < self.backend.n_ctx or routed.route == "cloud" or routed.policy == "local_only":
+            return routed
+        if self.routing.unavailable(cloud):
+            return routed
+        return Routed(route="cloud", reason="context_overflow", p_cloud=routed.p_cloud, policy=routed.policy)
+
+    def _check_fits(self, req: Request, routed: Routed, tokens: list[int]) -> None:
+        if routed.route == "local" and len(tokens) >= self.backend.n_ctx:
+            field = "messages" if req.messages else "prompt"
+            raise InvalidArgument(field, f"{len(tokens)} tokens do not fit the model's context of {self.backend.n_ctx}")
 
     def _check_cost(self, req: Request, prompt_tokens: int) -> None:
         worst = self.pricing.local_cost(prompt_tokens, req.sampling.max_tokens)

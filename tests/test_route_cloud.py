@@ -230,3 +230,15 @@ def test_cloud_config_errors_name_the_field_and_never_the_key(tmp_path: Any, mon
     key = tmp_path / "key"
     key.write_text("sk-very-secret\n")
     assert CloudConfig(base_url="http://h/v1", model="m", api_key_file=str(key)).api_key() == "sk-very-secret"
+
+
+def test_serve_refuses_to_start_without_the_cloud_key(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+    import sys
+
+    monkeypatch.delenv("ROUTE_MISSING_KEY", raising=False)
+    cfg = tmp_path / "a.toml"
+    cfg.write_text('[cloud]\nbase_url = "http://127.0.0.1:1/v1"\nmodel = "m"\napi_key_env = "ROUTE_MISSING_KEY"\n')
+    out = subprocess.run([sys.executable, "-m", "appliance", "serve", "-c", str(cfg)], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "$.cloud.api_key_env: environment variable ROUTE_MISSING_KEY is unset" in out.stderr

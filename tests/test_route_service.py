@@ -124,3 +124,39 @@ def test_unreachable_cloud_degrades_to_local_and_cloud_only_without_cloud_is_ref
         assert forced.route == ROUTE_LOCAL and forced.degraded and forced.route_reason == "cloud_error"
     finally:
         assert srv.stop() == 0
+
+
+def test_anthropic_cloud_through_the_service_and_context_overflow(tiny_model: Any, tmp_path: Path) -> None:
+    """An Anthropic-shaped cloud (the tests' own server) behind the service: a prompt too long for the
+    local context goes there, and its cache-read/-write tokens are billed at their own prices."""
+    from fake_cloud import Answer, FakeCloud, anthropic_stream
+
+    cloud = FakeCloud()
+    usage = {"input_tokens": 10, "cache_read_input_tokens": 400, "cache_creation_input_tokens": 100}
+    cloud.script = [Answer(events=anthropic_stream(["Long ", "answer"], usage, output_tokens=2))]
+    cfg = write_config(tmp_path / "appliance.toml", tiny_model("gemma3"), n_ctx=256, context_budget=128)
+    cfg.write_text(
+        cfg.read_text()
+        + f'[cloud]\nprovider = "anthropic"\nbase_url = "{cloud.url}"\nmodel = "claude-x"\n'
+        + f'api_key_file = "{tmp_path / "key"}"\n'
+        + "[route]\nthreshold = 1.0\n"  # the router keeps everything local: only the overflow sends it
+        + "[pricing]\ninput_per_mtok = 1.0\ncached_input_per_mtok = 0.1\n"
+        + "cache_write_per_mtok = 1.25\noutput_per_mtok = 5.0\n"
+    )
+    (tmp_path / "key").write_text("ant-secret\n")
+    srv = ServerProcess(cfg)
+    try:
+        with srv.client("acme") as c:
+            r = c.generate(prompt="hello " * 400, max_tokens=8, cache_policy=1, route_policy=0, request_id="long-1")
+        assert r.route == ROUTE_CLOUD and r.route_reason == "context_overflow" and r.text == "Long answer"
+        u = r.usage
+        assert (u.prompt_tokens, u.cached_tokens, u.cache_write_tokens, u.completion_tokens) == (510, 400, 100, 2)
+        assert u.cost == pytest.approx((10 * 1.0 + 400 * 0.1 + 100 * 1.25 + 2 * 5.0) / 1e6)
+        assert u.counterfactual_cost == pytest.approx((510 * 1.0 + 2 * 5.0) / 1e6)
+        _, headers, body = cloud.requests[0]
+        assert headers["x-api-key"] == "ant-secret" and body["model"] == "claude-x"
+        assert _ledger(srv, "long-1")["cache_write_tokens"] == 100
+        assert "ant-secret" not in (tmp_path / "server.log").read_text()
+    finally:
+        assert srv.stop() == 0
+        cloud.close()

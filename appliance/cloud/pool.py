@@ -36,12 +36,9 @@ class CloudPool:
         self._cfg = cfg
         self.http = httpx.AsyncClient(limits=httpx.Limits(max_connections=64), follow_redirects=False)
         self._by_section: dict[bytes, CloudBackend] = {}
-        sections = [("$.cloud", cfg.cloud)] + [
-            (f"$.tenants[{i}].cloud", t.cloud) for i, t in enumerate(cfg.tenants) if t.cloud is not None
-        ]
-        for where, section in sections:
+        for where, section in cfg.cloud_sections():
             key = msgspec.json.encode(section)
-            if section.configured and key not in self._by_section:
+            if key not in self._by_section:
                 self._by_section[key] = make_backend(section, self.http, where)
 
     def for_tenant(self, tenant: str) -> CloudBackend | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import importlib.resources
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -108,7 +109,7 @@ class RouterModel:
             if part is not None:
                 arrays.update({f"{prefix}_mean": part.mean, f"{prefix}_std": part.std, f"{prefix}_w": part.w})
                 arrays[f"{prefix}_b"] = np.array(part.b)
-        tmp = path.with_suffix(".tmp.npz")
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")  # concurrent writers never share one
         np.savez(tmp, **arrays)
         tmp.replace(path)
 

@@ -39,7 +39,7 @@ class Routing:
         if policy == "cloud_only" and cloud is None:
             raise FailedPrecondition("route_policy: cloud_only, but no cloud backend is configured for this tenant")
         if self.router is None or policy == "local_only":
-            d = Decision(route="local", reason="policy" if policy == "local_only" else "router")
+            d = Decision(route="local", reason="policy" if policy == "local_only" else "no_router")
         else:
             d = await asyncio.to_thread(self.router.decide, routed_text(req), policy)
         routed = Routed(route=d.route, reason=d.reason, p_cloud=d.p_cloud, kind=d.kind, policy=policy)

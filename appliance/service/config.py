@@ -272,6 +272,12 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         t = self.tenant(tenant)
         return t.cloud if t is not None and t.cloud is not None else self.cloud
 
+    def cloud_sections(self) -> list[tuple[str, CloudConfig]]:
+        """(field path, section) of every configured cloud: [cloud] and each tenant's own."""
+        sections = [("$.cloud", self.cloud)]
+        sections += [(f"$.tenants[{i}].cloud", t.cloud) for i, t in enumerate(self.tenants) if t.cloud is not None]
+        return [(where, c) for where, c in sections if c.configured]
+
     def budget_for(self, tenant: str) -> BudgetConfig:
         t = self.tenant(tenant)
         return t.budget if t is not None and t.budget is not None else self.budget

@@ -62,7 +62,7 @@ class Result(msgspec.Struct, kw_only=True):
     usage: Usage
     session_id: str = ""
     degraded: bool = False  # the router wanted the cloud but could not have it: answered locally
-    route_reason: str = ""  # why this route: policy, router, cascade, no_cloud, circuit_open, budget_*, cloud_error
+    route_reason: str = ""  # policy, router, cascade, context_overflow, no_cloud, circuit_open, cloud_error, budget_*
 
 
 class Delta(msgspec.Struct, frozen=True):

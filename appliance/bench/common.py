@@ -26,6 +26,30 @@ def run_child(module: str, args: list[str]) -> Any:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def write_service_config(
+    d: Path, model: str, threads: int, *, max_concurrent: int, cache: bool, extra: list[str]
+) -> Path:
+    """A config for a benchmark's `appliance serve` in folder `d` (socket, state, cache), plus `extra` lines."""
+    lines = [
+        "[server]",
+        f'unix_socket = "{d / "s.sock"}"',
+        f"max_concurrent = {max_concurrent}",
+        "max_queue = 256",
+        "[model]",
+        f'path = "{model}"',
+        f"threads = {threads}",
+        "[storage]",
+        f'dir = "{d / "state"}"',
+        "[cache]",
+        f"enabled = {str(cache).lower()}",
+        f'dir = "{d / "semantic-cache"}"',
+        *extra,
+    ]
+    cfg = d / "appliance.toml"
+    cfg.write_text("\n".join(lines) + "\n")
+    return cfg
+
+
 def start_service(cfg: Path, sock: Path, log: Path, timeout: float = 120.0) -> subprocess.Popen[str]:
     """`appliance serve --config cfg` in a child process, returned once health says SERVING on `sock`."""
     from appliance.service.client import Client

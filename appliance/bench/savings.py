@@ -24,7 +24,7 @@ from typing import Any
 
 import msgspec
 
-from appliance.bench.common import start_llama_server, start_service
+from appliance.bench.common import start_llama_server, start_service, write_service_config
 from appliance.route.classifier import read_labelled, shipped_csv
 
 
@@ -79,19 +79,7 @@ def build_workload(queries_csv: Path, w: Workload) -> list[tuple[str, str]]:
 
 
 def _config(d: Path, model: str, threads: int, cloud_url: str, cloud_model: str, prices: Prices, w: Workload) -> Path:
-    lines = [
-        "[server]",
-        f'unix_socket = "{d / "s.sock"}"',
-        "max_concurrent = 8",
-        "max_queue = 256",
-        "[model]",
-        f'path = "{model}"',
-        f"threads = {threads}",
-        "[storage]",
-        f'dir = "{d / "state"}"',
-        "[cache]",
-        "enabled = true",
-        f'dir = "{d / "semantic-cache"}"',
+    extra = [
         "[cloud]",
         'provider = "openai"',
         f'base_url = "{cloud_url}"',
@@ -103,9 +91,7 @@ def _config(d: Path, model: str, threads: int, cloud_url: str, cloud_model: str,
         f'cloud_model = "{cloud_model}"',
         *(f"{k} = {v}" for k, v in msgspec.structs.asdict(prices).items()),
     ]
-    cfg = d / "appliance.toml"
-    cfg.write_text("\n".join(lines) + "\n")
-    return cfg
+    return write_service_config(d, model, threads, max_concurrent=8, cache=True, extra=extra)
 
 
 def _replay(target: str, workload: list[tuple[str, str]], w: Workload) -> float:

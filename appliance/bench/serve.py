@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from appliance.bench.common import start_service
+from appliance.bench.common import start_service, write_service_config
 from appliance.sampling import SamplingOptions
 
 CONCURRENCY = (1, 4, 8, 16)
@@ -72,27 +72,8 @@ def _direct(model: str, threads: int, c: int, prompts: list[str]) -> dict[str, f
 
 
 def _start_server(model: str, threads: int, d: Path) -> subprocess.Popen[str]:
-    sock = d / "s.sock"
-    cfg = d / "appliance.toml"
-    cfg.write_text(
-        "\n".join(
-            [
-                "[server]",
-                f'unix_socket = "{sock}"',
-                "max_concurrent = 16",
-                "max_queue = 256",
-                "[model]",
-                f'path = "{model}"',
-                f"threads = {threads}",
-                "[storage]",
-                f'dir = "{d / "state"}"',
-                "[cache]",
-                "enabled = false",
-            ]
-        )
-        + "\n"
-    )
-    return start_service(cfg, sock, d / "server.log")
+    cfg = write_service_config(d, model, threads, max_concurrent=16, cache=False, extra=[])
+    return start_service(cfg, d / "s.sock", d / "server.log")
 
 
 def _service(target: str, c: int, prompts: list[str]) -> dict[str, float]:

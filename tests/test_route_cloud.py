@@ -32,10 +32,15 @@ def cloud() -> Iterator[FakeCloud]:
 
 
 def _run(
-    provider: Provider, *, retries: int = 2, breaker: CircuitBreaker | None = None, timeout: float = 5.0
+    provider: Provider,
+    *,
+    retries: int = 2,
+    breaker: CircuitBreaker | None = None,
+    timeout: float = 5.0,
+    slept: list[float] | None = None,
 ) -> tuple[list[str | Reply], list[float]]:
     """Stream one request; returns the items and the delays the backend slept between attempts."""
-    slept: list[float] = []
+    slept = [] if slept is None else slept
 
     async def sleep(s: float) -> None:
         slept.append(s)
@@ -87,12 +92,21 @@ def test_429_retry_after_is_honoured_then_success(cloud: FakeCloud) -> None:
     assert slept == [2.0] and len(cloud.requests) == 2
 
 
+def test_retry_after_longer_than_the_cap_is_not_waited_for(cloud: FakeCloud) -> None:
+    cloud.script = [Answer(status=429, body=b"later", headers={"retry-after": "120"})]
+    with pytest.raises(CloudError, match="asked to retry after 120 s"):
+        _run(_openai(cloud))
+    assert len(cloud.requests) == 1
+
+
 def test_500s_retry_with_jittered_backoff_then_fail_naming_the_status(cloud: FakeCloud) -> None:
     cloud.script = [Answer(status=500, body=b"boom")] * 3
+    slept: list[float] = []
     with pytest.raises(CloudError) as e:
-        _run(_openai(cloud), retries=2)
+        _run(_openai(cloud), retries=2, slept=slept)
     assert e.value.kind == "http" and "HTTP 500" in str(e.value)
     assert len(cloud.requests) == 3
+    assert len(slept) == 2 and 0 <= slept[0] <= 0.05 and 0 <= slept[1] <= 0.1  # full jitter under 0.05 * 2^n
 
 
 def test_400_is_not_retried(cloud: FakeCloud) -> None:

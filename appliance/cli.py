@@ -10,7 +10,7 @@ from appliance import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from appliance import cli_bench, cli_cache, cli_doctor, cli_generate, cli_models, cli_serve
+    from appliance import cli_bench, cli_cache, cli_doctor, cli_generate, cli_models, cli_route, cli_serve
 
     parser = argparse.ArgumentParser(
         prog="appliance",
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_serve.register(sub)
     cli_cache.register(sub)
     cli_doctor.register(sub)
+    cli_route.register(sub)
     return parser
 
 

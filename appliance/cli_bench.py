@@ -7,8 +7,12 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import msgspec
+
+from appliance.bench.savings import Prices
 from appliance.engine import default_threads
 from appliance.manifest import ManifestError
 from appliance.modelref import resolve_model
@@ -87,6 +91,29 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     e.add_argument("--tokens", type=int, default=48, help="tokens generated per prompt (default 48)")
     e.set_defaults(func=_runner(_early_exit))
 
+    v = _add(
+        bsub,
+        "savings",
+        "cost of a workload through the whole service vs sending it all to the cloud",
+        "Replays BANKING77-style support questions (with repetition and rewordings) plus a share of hard "
+        "multi-step/code/math questions through a real `appliance serve` (semantic cache, router, cascade, local "
+        "model, cloud) and prices the ledger with a cloud price table. The cloud is llama-cpp-python's "
+        "OpenAI-compatible server on the local model unless --cloud-url is given. Reports the all-cloud cost, the "
+        "appliance's cost and the saving by technique.",
+    )
+    v.add_argument("--queries", type=Path, required=True, help="text,category CSV of support questions (BANKING77)")
+    v.add_argument("--requests", type=int, default=120)
+    v.add_argument("--hard-share", type=float, default=0.2, help="share of hard questions (default 0.2)")
+    v.add_argument("--max-tokens", type=int, default=48)
+    v.add_argument("--no-cascade", action="store_true", help="serve with [route] cascade = false")
+    v.add_argument("--clients", type=int, default=4, help="concurrent clients (default 4)")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--cloud-url", default="", help="a real OpenAI-compatible endpoint instead of the stand-in")
+    v.add_argument("--cloud-model", default="", help="the model to ask at --cloud-url")
+    for name, default in msgspec.structs.asdict(Prices()).items():
+        v.add_argument(f"--{name.replace('_', '-')}", type=float, default=default, help=f"price (default {default})")
+    v.set_defaults(func=_runner(_savings))
+
 
 def _add(
     bsub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str, desc: str
@@ -128,6 +155,21 @@ def _runner(bench: Callable[[str, int, argparse.Namespace], dict[str, Any]]) -> 
         return _print(res, args.json)
 
     return run
+
+
+def _savings(model: str, threads: int, a: argparse.Namespace) -> dict[str, Any]:
+    from appliance.bench.savings import Workload, bench_savings
+
+    w = Workload(
+        requests=a.requests,
+        hard_share=a.hard_share,
+        max_tokens=a.max_tokens,
+        clients=a.clients,
+        seed=a.seed,
+        cascade=not a.no_cascade,
+    )
+    prices = Prices(**{k: getattr(a, k) for k in msgspec.structs.asdict(Prices())})
+    return bench_savings(model, threads, a.queries, w, prices, a.cloud_url, a.cloud_model)
 
 
 def _decode(model: str, threads: int, a: argparse.Namespace) -> dict[str, Any]:

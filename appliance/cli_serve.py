@@ -92,6 +92,8 @@ def run_serve(args: argparse.Namespace) -> int:
         if cfg.server.tcp and not cfg.tenants:
             raise ConfigError("$.server.tcp: TCP needs at least one [[tenants]] entry with a token_sha256")
         model_path = resolve_model(cfg.model.path or None)
+        for where, cloud in cfg.cloud_sections():
+            cloud.api_key(where)  # a missing key stops the start here, naming the field (never the key)
     except (ConfigError, OSError, LookupError, ManifestError) as e:
         print(f"appliance serve: {e}", file=sys.stderr)
         return 2

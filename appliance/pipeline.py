@@ -1,26 +1,35 @@
 """The request path, in one function: normalize -> semantic cache lookup -> route -> build context ->
-backend (local engine or cloud) -> ledger -> cache store. Each stage is a small module under
-appliance/service/; `Pipeline.run` is where to read how a request is served."""
+backend (local engine or cloud; a checked local answer may escalate to the cloud) -> ledger -> cache
+store. Each stage is a small module under appliance/service/ and appliance/route/; `Pipeline.run` is
+where to read how a request is served."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from appliance.cloud.client import CloudBackend
+from appliance.cloud.types import CloudError, Reply
+from appliance.route.budget import Budget
+from appliance.route.cascade import assess
+from appliance.route.stage import Routed, Routing
 from appliance.service.admission import Admission
 from appliance.service.cache_stage import PassThroughCache, SemanticCacheStage
-from appliance.service.config import ModelConfig, PricingConfig
+from appliance.service.config import Config, ModelConfig, PricingConfig
 from appliance.service.context import Built, ContextBuilder, with_passages
-from appliance.service.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from appliance.service.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unavailable
 from appliance.service.history import HistoryStore, Session, StoredMessage
 from appliance.service.ledger import Ledger
 from appliance.service.local_backend import LocalBackend
 from appliance.service.normalize import normalize
-from appliance.service.router import LocalRouter
+from appliance.service.served import Served
 from appliance.service.summarizer import Summarizer
-from appliance.service.types import Delta, Request, Result, Usage
+from appliance.service.types import Delta, Request, Result
+
+log = logging.getLogger("appliance.pipeline")
 
 
 class Pipeline:
@@ -34,6 +43,7 @@ class Pipeline:
         model: ModelConfig,
         pricing: PricingConfig,
         cache: SemanticCacheStage | PassThroughCache | None = None,
+        routing: Routing | None = None,
     ) -> None:
         self.backend = backend
         self.admission = admission
@@ -42,7 +52,7 @@ class Pipeline:
         self.model = model
         self.pricing = pricing
         self.cache = cache or PassThroughCache()
-        self.router = LocalRouter()
+        self.routing = routing or Routing(Config(pricing=pricing), None, None, Budget(ledger, pricing))
         summarizer = Summarizer(backend.generate, backend.tokenize, model.summary_max_tokens)
         self.context = ContextBuilder(backend.count_tokens, summarizer.fold, model.context_budget, model.keep_turns)
 
@@ -65,51 +75,34 @@ class Pipeline:
             yield hit
             return
 
-        self.router.choose(req)  # only "local" until routing and a cloud backend land
+        routed = await self.routing.decide(req)
+        cloud = self.routing.cloud(req.tenant)
         async with self.admission.slot():
             session = await asyncio.to_thread(self.history.load, req.tenant, req.session_id) if req.chat else None
             built = await self._build_context(req, session)
             tokens = self._tokenize(req, built)
-            self._check_cost(req, len(tokens))
-
-            parts: list[str] = []
-            usage = Usage(prompt_tokens=len(tokens))
-            finish = "cancelled"
+            routed = await self.routing.within_budget(req, self._overflow(routed, tokens, cloud), len(tokens))
+            self._check_fits(req, routed, tokens)
+            out = Served(routed, self.backend.name, len(tokens))
             try:
-                async for chunk in self.backend.generate(tokens, req.sampling, tenant=req.tenant):
-                    if chunk.token is not None:
-                        usage.completion_tokens += 1
-                        if usage.completion_tokens == 1:
-                            usage.first_token_ms = (time.perf_counter() - t0) * 1e3
-                    if chunk.text:
-                        parts.append(chunk.text)
-                        yield Delta(req.request_id, chunk.text)
-                    finish = chunk.finish_reason or finish
-                    usage.cached_tokens = chunk.cached_tokens or usage.cached_tokens
-                    if chunk.decode is not None:
-                        usage.early_exit_tokens = chunk.decode.early_tokens(self.backend.n_layer)
-                        usage.layers_per_token = round(chunk.decode.mean_layers, 3)
-                        usage.draft_acceptance = round(chunk.decode.acceptance, 3)
+                if routed.route == "cloud" and cloud is not None:
+                    async for delta in self._cloud_or_local(req, built, tokens, cloud, out, t0):
+                        yield delta
+                else:
+                    self._check_cost(req, len(tokens))
+                    held = self.routing.cascades(routed, cloud)
+                    async for delta in self._local(req, tokens, out, t0):
+                        if not held:
+                            yield delta
+                    if held:
+                        async for delta in self._cascade(req, built, tokens, cloud, out, t0):
+                            yield delta
             except Exception:
-                finish = "error"
+                out.finish = "error"
                 raise
             finally:  # also on cancel/deadline: the work done is recorded
-                usage.summary_saved_tokens = max(0, built.unmanaged_tokens - built.budget_tokens)
-                usage.cost = self.pricing.local_cost(usage.prompt_tokens, usage.completion_tokens)
-                usage.counterfactual_cost = self.pricing.cloud_cost(
-                    usage.prompt_tokens + usage.summary_saved_tokens, 0, usage.completion_tokens
-                )
-                usage.latency_ms = (time.perf_counter() - t0) * 1e3
-                result = Result(
-                    request_id=req.request_id,
-                    text="".join(parts),
-                    route="local",
-                    model=self.backend.name,
-                    finish_reason=finish,
-                    usage=usage,
-                    session_id=req.session_id,
-                )
-                if session is not None and finish in ("stop", "length"):
+                result = self._result(req, built, out, t0)
+                if session is not None and out.finish in ("stop", "length"):
                     answer = StoredMessage("assistant", result.text, self.backend.count_tokens(result.text))
                     await self.history.commit_turn_async(session, [*self._stored(req), answer])
                 await self.ledger.record(req.tenant, result)
@@ -118,7 +111,109 @@ class Pipeline:
             await self.cache.store(req, result)
         yield result
 
+    # ------------------------------------------------------------------ backends
+
+    async def _local(self, req: Request, tokens: list[int], out: Served, t0: float) -> AsyncIterator[Delta]:
+        out.finish = "cancelled"
+        async for chunk in self.backend.generate(tokens, req.sampling, tenant=req.tenant):
+            if chunk.token is not None:
+                out.usage.completion_tokens += 1
+                if out.usage.completion_tokens == 1:
+                    out.usage.first_token_ms = (time.perf_counter() - t0) * 1e3
+            if chunk.text:
+                out.parts.append(chunk.text)
+                yield Delta(req.request_id, chunk.text)
+            out.finish = chunk.finish_reason or out.finish
+            out.usage.cached_tokens = chunk.cached_tokens or out.usage.cached_tokens
+            if chunk.decode is not None:
+                out.usage.early_exit_tokens = chunk.decode.early_tokens(self.backend.n_layer)
+                out.usage.layers_per_token = round(chunk.decode.mean_layers, 3)
+                out.usage.draft_acceptance = round(chunk.decode.acceptance, 3)
+
+    async def _cloud(
+        self, req: Request, built: Built, cloud: CloudBackend, out: Served, t0: float
+    ) -> AsyncIterator[Delta]:
+        """The cloud's answer, streamed into `out`. A CloudError before any text leaves `out` as it was,
+        marked degraded (reason cloud_error), and ends quietly; after text it is Unavailable."""
+        messages = built.messages or [{"role": "user", "content": with_passages(req.prompt, built.passages)}]
+        sent = False
+        try:
+            async for item in cloud.stream(messages, req.sampling):
+                if isinstance(item, Reply):
+                    out.take_cloud(item, self.backend.count_tokens, self.pricing)
+                    continue
+                if not sent:
+                    out.usage.first_token_ms = (time.perf_counter() - t0) * 1e3
+                sent = True
+                yield Delta(req.request_id, item)
+        except CloudError as e:
+            if sent:
+                raise Unavailable(f"the cloud stream broke after the answer had started: {e}") from None
+            log.warning("cloud failed for %s/%s; answering locally: %s", req.tenant, req.request_id, e)
+            Routing.downgrade(out.routed, "cloud_error")
+
+    async def _cloud_or_local(
+        self, req: Request, built: Built, tokens: list[int], cloud: CloudBackend, out: Served, t0: float
+    ) -> AsyncIterator[Delta]:
+        async for delta in self._cloud(req, built, cloud, out, t0):
+            yield delta
+        if out.route != "cloud":
+            if len(tokens) >= self.backend.n_ctx:
+                raise Unavailable(
+                    f"the cloud could not answer and {len(tokens)} tokens do not fit the local model's context"
+                )
+            self._check_cost(req, len(tokens))
+            async for delta in self._local(req, tokens, out, t0):
+                yield delta
+
+    async def _cascade(
+        self, req: Request, built: Built, tokens: list[int], cloud: CloudBackend | None, out: Served, t0: float
+    ) -> AsyncIterator[Delta]:
+        """The held-back local answer, checked: sent as it is when confident, else the cloud's answer."""
+        conf = assess(out.text, out.finish, self.routing.cfg.route)
+        if conf.escalate and cloud is not None:
+            refusal = await self.routing.refusal(req, len(tokens))
+            if refusal:
+                Routing.downgrade(out.routed, refusal)
+            else:
+                local_cost = self.pricing.local_cost(out.usage.prompt_tokens, out.usage.completion_tokens)
+                out.routed.reason = "cascade"
+                log.info("escalating %s/%s to the cloud: %s", req.tenant, req.request_id, conf.why)
+                async for delta in self._cloud(req, built, cloud, out, t0):
+                    yield delta
+                if out.route == "cloud":
+                    out.local_cost = local_cost
+                    return
+        if out.text:
+            yield Delta(req.request_id, out.text)
+
     # ------------------------------------------------------------------ stage helpers
+
+    def _result(self, req: Request, built: Built, out: Served, t0: float) -> Result:
+        usage = out.usage
+        usage.summary_saved_tokens = max(0, built.unmanaged_tokens - built.budget_tokens)
+        if out.route == "cloud":
+            usage.counterfactual_cost = self.pricing.cloud_cost(
+                usage.prompt_tokens + usage.summary_saved_tokens, 0, usage.completion_tokens
+            )
+            usage.cost = out.cloud_cost + out.local_cost
+        else:
+            usage.cost = self.pricing.local_cost(usage.prompt_tokens, usage.completion_tokens)
+            usage.counterfactual_cost = self.pricing.cloud_cost(
+                usage.prompt_tokens + usage.summary_saved_tokens, 0, usage.completion_tokens
+            )
+        usage.latency_ms = (time.perf_counter() - t0) * 1e3
+        return Result(
+            request_id=req.request_id,
+            text=out.text,
+            route=out.route,
+            model=out.model,
+            finish_reason=out.finish,
+            usage=usage,
+            session_id=req.session_id,
+            degraded=out.routed.degraded,
+            route_reason=out.routed.reason,
+        )
 
     async def _build_context(self, req: Request, session: Session | None) -> Built:
         if session is not None:
@@ -130,14 +225,24 @@ class Pipeline:
         return self.context.single(req.messages, req.prompt, req.context, self.model.context_budget)
 
     def _tokenize(self, req: Request, built: Built) -> list[int]:
-        field = "messages" if req.messages else "prompt"
         if built.messages:
             tokens = self.backend.tokenize_chat(self.backend.render_chat(built.messages))
         else:
             tokens = self.backend.tokenize(with_passages(req.prompt, built.passages))
-        if len(tokens) >= self.backend.n_ctx:
-            raise InvalidArgument(field, f"{len(tokens)} tokens do not fit the model's context of {self.backend.n_ctx}")
         return tokens
+
+    def _overflow(self, routed: Routed, tokens: list[int], cloud: CloudBackend | None) -> Routed:
+        """A prompt too long for the local model goes to the cloud when it may."""
+        if len(tokens) < self.backend.n_ctx or routed.route == "cloud" or routed.policy == "local_only":
+            return routed
+        if self.routing.unavailable(cloud):
+            return routed
+        return Routed(route="cloud", reason="context_overflow", p_cloud=routed.p_cloud, policy=routed.policy)
+
+    def _check_fits(self, req: Request, routed: Routed, tokens: list[int]) -> None:
+        if routed.route == "local" and len(tokens) >= self.backend.n_ctx:
+            field = "messages" if req.messages else "prompt"
+            raise InvalidArgument(field, f"{len(tokens)} tokens do not fit the model's context of {self.backend.n_ctx}")
 
     def _check_cost(self, req: Request, prompt_tokens: int) -> None:
         worst = self.pricing.local_cost(prompt_tokens, req.sampling.max_tokens)

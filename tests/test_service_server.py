@@ -216,6 +216,7 @@ def test_prometheus_metrics(server: ServerProcess) -> None:
         c.generate(prompt="hello", max_tokens=2)
     body = urllib.request.urlopen(f"http://{server.metrics}/metrics", timeout=5).read().decode()
     assert 'appliance_requests_total{method="Generate",route="local",code="OK"}' in body
+    assert 'appliance_route_decisions_total{route="local",reason="router",degraded="false"}' in body
     assert "appliance_request_seconds_bucket" in body and "appliance_ready 1" in body
     assert "appliance_kv_blocks_free" in body and "appliance_prefix_cache_hits_total" in body
 

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from appliance.bench.common import start_service, write_service_config
 from appliance.sampling import SamplingOptions
 
 CONCURRENCY = (1, 4, 8, 16)
@@ -71,48 +72,8 @@ def _direct(model: str, threads: int, c: int, prompts: list[str]) -> dict[str, f
 
 
 def _start_server(model: str, threads: int, d: Path) -> subprocess.Popen[str]:
-    from appliance.service.client import Client
-
-    sock = d / "s.sock"
-    cfg = d / "appliance.toml"
-    cfg.write_text(
-        "\n".join(
-            [
-                "[server]",
-                f'unix_socket = "{sock}"',
-                "max_concurrent = 16",
-                "max_queue = 256",
-                "[model]",
-                f'path = "{model}"',
-                f"threads = {threads}",
-                "[storage]",
-                f'dir = "{d / "state"}"',
-                "[cache]",
-                "enabled = false",
-            ]
-        )
-        + "\n"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "appliance", "serve", "--config", str(cfg)],
-        stdout=subprocess.DEVNULL,
-        stderr=(d / "server.log").open("wb"),
-        text=True,
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {(d / 'server.log').read_text()}")
-        if sock.exists():
-            try:
-                with Client.connect(f"unix:{sock}") as c:
-                    if c.health() == "SERVING":
-                        return proc
-            except Exception:
-                pass
-        time.sleep(0.1)
-    proc.kill()
-    raise TimeoutError("server did not become SERVING")
+    cfg = write_service_config(d, model, threads, max_concurrent=16, cache=False, extra=[])
+    return start_service(cfg, d / "s.sock", d / "server.log")
 
 
 def _service(target: str, c: int, prompts: list[str]) -> dict[str, float]:

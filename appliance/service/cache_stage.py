@@ -4,8 +4,9 @@ asked before, from appliance.cache (per-tenant namespaces, guards against opposi
 What is cached: completion prompts, and chat requests made of an optional system prompt and one
 user message; the fingerprint covers the model, the system prompt and the answer-changing
 parameters. Session turns and requests with context passages pass through (their answer depends on
-more than the question). Local answers that ended normally ("stop", or "length" at the same
-max_tokens, which the fingerprint covers) are stored; a hit is recorded
+more than the question). Local and cloud answers that ended normally ("stop", or "length" at the same
+max_tokens, which the fingerprint covers) are stored, unless degraded (a local answer standing in for
+the cloud's); a hit is recorded
 in the ledger as route "cache" with the cloud cost the original answer stood for.
 """
 
@@ -82,7 +83,9 @@ class SemanticCacheStage:
 
     async def store(self, req: Request, result: Result) -> None:
         key = self._key(req)
-        if key is None or result.route != "local" or result.finish_reason not in ("stop", "length") or not result.text:
+        if key is None or result.route == "cache" or result.degraded or not result.text:
+            return
+        if result.finish_reason not in ("stop", "length"):
             return
         try:
             await asyncio.to_thread(

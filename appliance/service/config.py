@@ -13,13 +13,22 @@ Every field has a default that serves out of the box on the embedded parts, with
     [pricing]                   # the cloud model a request is priced against (counterfactual cost)
     cloud_model = "reference-cloud"
     input_per_mtok = 0.50
+
+    [cloud]                     # no base_url: no cloud; [[tenants]] may carry their own [tenants.cloud]
+    provider = "anthropic"      # or "openai" (any Chat Completions endpoint)
+    base_url = "https://HOST/v1"
+    model = "..."
+    api_key_env = "CLOUD_API_KEY"
+
+    [route]                     # router threshold, cascade thresholds; [budget] monthly / per_request
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -88,9 +97,100 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         _check(self.early_exit in ("off", "lossless", "adaptive"), "early_exit", "must be off, lossless or adaptive")
 
 
+class CloudConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A cloud model. No base_url: no cloud (air-gapped); hard requests are then served locally, flagged
+    `degraded`. The key comes from an environment variable or a file and is never logged."""
+
+    provider: Literal["openai", "anthropic"] = "openai"  # Chat Completions or Anthropic Messages
+    base_url: str = ""  # e.g. "https://HOST/v1" (the API's version prefix included)
+    model: str = ""
+    api_key_env: str = ""  # name of the environment variable holding the key
+    api_key_file: str = ""  # or a file holding it (first line)
+    timeout_s: float = 60.0  # per read: a stalled stream fails after this long
+    connect_timeout_s: float = 5.0
+    max_retries: int = 2  # on 429/5xx/network errors before the first byte
+    backoff_s: float = 0.5
+    backoff_max_s: float = 8.0
+    breaker_failures: int = 5  # consecutive failures that open the circuit
+    breaker_cooldown_s: float = 30.0
+    prompt_cache_min_chars: int = 4096  # Anthropic cache_control breakpoints on prefixes this long
+
+    def __post_init__(self) -> None:
+        _check(
+            not self.base_url or bool(re.match(r"https?://[^/]+", self.base_url)),
+            "base_url",
+            "must be http(s)://host[:port][/path]",
+        )
+        _check(not self.base_url or bool(self.model), "model", "must be set when base_url is")
+        _check(
+            not (self.api_key_env and self.api_key_file), "api_key_env", "give api_key_env or api_key_file, not both"
+        )
+        for name in ("timeout_s", "connect_timeout_s"):
+            _check(getattr(self, name) > 0, name, "must be > 0")
+        for name in ("backoff_s", "backoff_max_s", "breaker_cooldown_s"):
+            _check(getattr(self, name) >= 0, name, "must be >= 0")
+        _check(0 <= self.max_retries <= 10, "max_retries", "must be in [0, 10]")
+        _check(self.breaker_failures >= 1, "breaker_failures", "must be >= 1")
+        _check(self.prompt_cache_min_chars >= 0, "prompt_cache_min_chars", "must be >= 0")
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.base_url)
+
+    def api_key(self, where: str = "$.cloud") -> str:
+        """The key ("" when none is configured: a keyless endpoint). ConfigError names the field, never the key."""
+        if self.api_key_env:
+            key = os.environ.get(self.api_key_env, "").strip()
+            if not key:
+                raise ConfigError(f"{where}.api_key_env: environment variable {self.api_key_env} is unset or empty")
+            return key
+        if self.api_key_file:
+            try:
+                lines = Path(self.api_key_file).expanduser().read_text().splitlines()
+            except OSError as e:
+                raise ConfigError(f"{where}.api_key_file: cannot read {self.api_key_file}: {e.strerror}") from None
+            if not lines or not lines[0].strip():
+                raise ConfigError(f"{where}.api_key_file: {self.api_key_file} is empty")
+            return lines[0].strip()
+        return ""
+
+
+RoutePolicyName = Literal["auto", "local_only", "cloud_only"]
+
+
+class RouteConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The difficulty router (before generation) and the cascade (after a local answer)."""
+
+    policy: RoutePolicyName = "auto"  # a request's own policy wins unless it is "auto"
+    classifier: str = ""  # .npz from `appliance router train`; empty: the trained default, else the shipped data
+    threshold: float = 0.5  # cloud when the classifier's P(cloud) is at least this
+    cascade: bool = True  # check local answers and escalate low-confidence ones to the cloud
+    min_confidence: float = 0.5  # escalate below this confidence
+    max_repetition: float = 0.35  # share of repeated word 3-grams that counts as a looping answer
+    escalate_truncated: bool = True  # an answer cut by max_tokens counts as low confidence
+
+    def __post_init__(self) -> None:
+        for name in ("threshold", "min_confidence", "max_repetition"):
+            _check(0 <= getattr(self, name) <= 1, name, "must be in [0, 1]")
+
+
+class BudgetConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Cloud spend ceilings in the price table's currency (0: none). When reached: local only."""
+
+    monthly: float = 0.0  # per tenant, calendar month (UTC), from the ledger
+    per_request: float = 0.0  # the most one request may spend in the cloud (worst case: max_tokens)
+
+    def __post_init__(self) -> None:
+        _check(self.monthly >= 0, "monthly", "must be >= 0")
+        _check(self.per_request >= 0, "per_request", "must be >= 0")
+
+
 class TenantConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     name: str
     token_sha256: str  # hex SHA-256 of the bearer token (tokens are random, >= 128 bits)
+    route_policy: RoutePolicyName | None = None  # default: [route].policy
+    cloud: CloudConfig | None = None  # this tenant's own cloud endpoint, key and model; default: [cloud]
+    budget: BudgetConfig | None = None  # default: [budget]
 
     def __post_init__(self) -> None:
         _check(bool(re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.name)), "name", "must be 1-64 of [A-Za-z0-9_.-]")
@@ -103,12 +203,14 @@ class PricingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     currency: str = "USD"
     cloud_model: str = "reference-cloud"
     input_per_mtok: float = 0.50
-    cached_input_per_mtok: float = 0.05
+    cached_input_per_mtok: float = 0.05  # provider prompt-cache reads (about 10% of input)
+    cache_write_per_mtok: float = 0.625  # provider prompt-cache writes (about 125% of input)
     output_per_mtok: float = 1.50
     local_per_mtok: float = 0.0  # what a local token costs (power, hardware); 0 by default
 
     def __post_init__(self) -> None:
-        for name in ("input_per_mtok", "cached_input_per_mtok", "output_per_mtok", "local_per_mtok"):
+        names = ("input_per_mtok", "cached_input_per_mtok", "cache_write_per_mtok", "output_per_mtok", "local_per_mtok")
+        for name in names:
             _check(getattr(self, name) >= 0, name, "must be >= 0")
 
     def cloud_cost(self, prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> float:
@@ -116,6 +218,15 @@ class PricingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         return (
             fresh * self.input_per_mtok
             + cached_tokens * self.cached_input_per_mtok
+            + completion_tokens * self.output_per_mtok
+        ) / 1e6
+
+    def billed_cost(self, fresh: int, cache_read: int, cache_write: int, completion_tokens: int) -> float:
+        """What the cloud charged, with prompt-cache reads and writes at their own prices."""
+        return (
+            fresh * self.input_per_mtok
+            + cache_read * self.cached_input_per_mtok
+            + cache_write * self.cache_write_per_mtok
             + completion_tokens * self.output_per_mtok
         ) / 1e6
 
@@ -149,12 +260,36 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pricing: PricingConfig = msgspec.field(default_factory=PricingConfig)
     storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
     cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
+    cloud: CloudConfig = msgspec.field(default_factory=CloudConfig)
+    route: RouteConfig = msgspec.field(default_factory=RouteConfig)
+    budget: BudgetConfig = msgspec.field(default_factory=BudgetConfig)
     default_tenant: str = "local"  # the tenant of Unix-socket requests that name none
 
     def __post_init__(self) -> None:
         names = [t.name for t in self.tenants]
         dup = sorted({n for n in names if names.count(n) > 1})
         _check(not dup, "tenants", f"duplicate tenant name(s) {dup}")
+
+    def tenant(self, name: str) -> TenantConfig | None:
+        return next((t for t in self.tenants if t.name == name), None)
+
+    def cloud_for(self, tenant: str) -> CloudConfig:
+        t = self.tenant(tenant)
+        return t.cloud if t is not None and t.cloud is not None else self.cloud
+
+    def cloud_sections(self) -> list[tuple[str, CloudConfig]]:
+        """(field path, section) of every configured cloud: [cloud] and each tenant's own."""
+        sections = [("$.cloud", self.cloud)]
+        sections += [(f"$.tenants[{i}].cloud", t.cloud) for i, t in enumerate(self.tenants) if t.cloud is not None]
+        return [(where, c) for where, c in sections if c.configured]
+
+    def budget_for(self, tenant: str) -> BudgetConfig:
+        t = self.tenant(tenant)
+        return t.budget if t is not None and t.budget is not None else self.budget
+
+    def policy_for(self, tenant: str) -> RoutePolicyName:
+        t = self.tenant(tenant)
+        return t.route_policy if t is not None and t.route_policy is not None else self.route.policy
 
 
 def _split_hostport(value: str) -> tuple[str, int] | None:

@@ -33,10 +33,24 @@ CREATE TABLE IF NOT EXISTS requests (
     latency_ms REAL NOT NULL,
     cost REAL NOT NULL,
     counterfactual_cost REAL NOT NULL,
+    cache_write_tokens INTEGER NOT NULL DEFAULT 0,
+    degraded INTEGER NOT NULL DEFAULT 0,
+    route_reason TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (tenant, request_id)
 );
 CREATE INDEX IF NOT EXISTS requests_by_time ON requests (tenant, ts);
 """
+# columns added after the first release: a ledger written by an older version gains them on open
+ADDED_COLUMNS = {
+    "cache_write_tokens": "INTEGER NOT NULL DEFAULT 0",
+    "degraded": "INTEGER NOT NULL DEFAULT 0",
+    "route_reason": "TEXT NOT NULL DEFAULT ''",
+}
+COLUMNS = (
+    "tenant request_id ts session_id route model cloud_model finish_reason prompt_tokens cached_tokens"
+    " completion_tokens summary_saved_tokens early_exit_tokens latency_ms cost counterfactual_cost"
+    " cache_write_tokens degraded route_reason"
+).split()
 
 
 class Totals(msgspec.Struct, kw_only=True):
@@ -57,6 +71,10 @@ class Ledger:
         self.cloud_model = cloud_model
         self._conn = open_db(path, SCHEMA)
         self._lock = threading.Lock()
+        have = {r[1] for r in self._conn.execute("PRAGMA table_info(requests)")}
+        for name, decl in ADDED_COLUMNS.items():
+            if name not in have:
+                self._conn.execute(f"ALTER TABLE requests ADD COLUMN {name} {decl}")
 
     def close(self) -> None:
         with self._lock:
@@ -66,7 +84,7 @@ class Ledger:
         u = result.usage
         with self._lock:
             self._conn.execute(
-                "INSERT INTO requests VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                f"INSERT INTO requests ({','.join(COLUMNS)}) VALUES ({','.join('?' * len(COLUMNS))})",
                 (
                     tenant,
                     result.request_id,
@@ -84,6 +102,9 @@ class Ledger:
                     u.latency_ms,
                     u.cost,
                     u.counterfactual_cost,
+                    u.cache_write_tokens,
+                    int(result.degraded),
+                    result.route_reason,
                 ),
             )  # autocommit: durable (synchronous=FULL) when this returns
 
@@ -97,6 +118,15 @@ class Ledger:
                 "SELECT 1 FROM requests WHERE tenant=? AND request_id=?", (tenant, request_id)
             ).fetchone()
         return row is not None
+
+    def cloud_spend(self, tenant: str, since: float) -> float:
+        """What `tenant` spent on requests answered by the cloud since `since` (the budget's measure)."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT COALESCE(SUM(cost), 0) FROM requests WHERE tenant=? AND route='cloud' AND ts >= ?",
+                (tenant, since),
+            ).fetchone()
+        return float(row[0])
 
     def totals(self, tenant: str | None, since: float = 0.0, until: float = 0.0) -> list[Totals]:
         """Per-route totals for `tenant` (None: all tenants) in [since, until) (0 = unbounded)."""

@@ -27,6 +27,7 @@ class Metrics:
         self.cost: defaultdict[tuple[str, str], float] = defaultdict(float)  # (route, kind)
         self.latency_counts: defaultdict[str, list[int]] = defaultdict(lambda: [0] * (len(LATENCY_BUCKETS_MS) + 1))
         self.latency_sum: defaultdict[str, float] = defaultdict(float)
+        self.decisions: defaultdict[tuple[str, str, str], int] = defaultdict(int)  # (route, reason, degraded)
 
     def observe(self, method: str, r: Result) -> None:
         u = r.usage
@@ -34,12 +35,15 @@ class Metrics:
         for kind, n in (
             ("prompt", u.prompt_tokens),
             ("cached", u.cached_tokens),
+            ("cache_write", u.cache_write_tokens),
             ("completion", u.completion_tokens),
             ("summary_saved", u.summary_saved_tokens),
             ("early_exit", u.early_exit_tokens),
         ):
             self.tokens[(r.route, kind)] += n
         self.cost[(r.route, "actual")] += u.cost
+        if r.route != "cache":
+            self.decisions[(r.route, r.route_reason, str(r.degraded).lower())] += 1
         self.cost[(r.route, "counterfactual")] += u.counterfactual_cost
         counts = self.latency_counts[method]
         i = next((i for i, b in enumerate(LATENCY_BUCKETS_MS) if u.latency_ms <= b), len(LATENCY_BUCKETS_MS))
@@ -59,6 +63,10 @@ class Metrics:
         out.append("# TYPE appliance_cost_total counter")
         for (route, kind), v in sorted(self.cost.items()):
             out.append(f"appliance_cost_total{_labels(route=route, kind=kind)} {v:.9g}")
+        out.append("# TYPE appliance_route_decisions_total counter")
+        for (route, reason, degraded), n in sorted(self.decisions.items()):
+            labels = _labels(route=route, reason=reason, degraded=degraded)
+            out.append(f"appliance_route_decisions_total{labels} {n}")
         out.append("# TYPE appliance_request_seconds histogram")
         for method, counts in sorted(self.latency_counts.items()):
             acc = 0

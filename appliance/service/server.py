@@ -17,7 +17,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from appliance.cache import CacheError, SemanticCache
+from appliance.cloud.pool import CloudPool
 from appliance.pipeline import Pipeline
+from appliance.route.budget import Budget
+from appliance.route.router import Router, load_model
+from appliance.route.stage import Routing
 from appliance.service.admission import Admission
 from appliance.service.auth import Authenticator
 from appliance.service.cache_stage import PassThroughCache, SemanticCacheStage
@@ -44,6 +48,8 @@ def result_to_proto(r: Result) -> Any:
         model=r.model,
         finish_reason=r.finish_reason,
         session_id=r.session_id,
+        degraded=r.degraded,
+        route_reason=r.route_reason,
         usage=pb.Usage(
             prompt_tokens=u.prompt_tokens,
             cached_tokens=u.cached_tokens,
@@ -56,6 +62,7 @@ def result_to_proto(r: Result) -> Any:
             draft_acceptance=u.draft_acceptance,
             latency_ms=u.latency_ms,
             first_token_ms=u.first_token_ms,
+            cache_write_tokens=u.cache_write_tokens,
         ),
     )
 
@@ -86,6 +93,7 @@ class ApplianceServer:
         self._metrics_server: asyncio.Server | None = None
         self._load_error: BaseException | None = None
         self.loaded = asyncio.Event()  # set when loading ends, served or failed (see load_error)
+        self.clouds = CloudPool(cfg)  # ConfigError here (a missing key) stops the start, naming the field
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -128,6 +136,7 @@ class ApplianceServer:
             self.history = HistoryStore(state / "history.sqlite")
             backend = await asyncio.to_thread(self._load_backend)
             cache = await asyncio.to_thread(self._open_cache, backend.name)
+            routing = await asyncio.to_thread(self._routing, cache, self.ledger)
         except Exception as e:  # reported by every request and by health staying NOT_SERVING
             log.error("loading failed: %s", e)
             self._load_error = e
@@ -141,6 +150,7 @@ class ApplianceServer:
             model=self.cfg.model,
             pricing=self.cfg.pricing,
             cache=cache,
+            routing=routing,
         )
         log.info("model %s loaded in %.1f s; serving", backend.name, time.perf_counter() - t0)
         if backend.default_exit(self.cfg.model.early_exit) is None and self.cfg.model.early_exit != "off":
@@ -174,6 +184,13 @@ class ApplianceServer:
             return PassThroughCache()
         return SemanticCacheStage(cache, model, c.ttl_s or None)
 
+    def _routing(self, cache: SemanticCacheStage | PassThroughCache, ledger: Ledger) -> Routing:
+        """The router on the semantic cache's embedding model (features only when it is not loaded)."""
+        embedder = cache.cache.embedder if isinstance(cache, SemanticCacheStage) else None
+        model = load_model(self.cfg.route.classifier, embedder)
+        router = Router(model, embedder, self.cfg.route.threshold)
+        return Routing(self.cfg, router, self.clouds, Budget(ledger, self.cfg.pricing))
+
     async def stop(self, drain_timeout: float | None = None) -> None:
         """Graceful: NOT_SERVING, refuse new requests, let in-flight ones finish within the timeout,
         then cancel what is left and close the databases."""
@@ -191,6 +208,7 @@ class ApplianceServer:
         for db in (self.ledger, self.history):
             if db is not None:
                 db.close()
+        await self.clouds.aclose()
         if self.pipeline is not None:
             self.pipeline.backend.close()
             self.pipeline.cache.close()

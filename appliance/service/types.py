@@ -42,7 +42,8 @@ class Request(msgspec.Struct, frozen=True, kw_only=True):
 
 class Usage(msgspec.Struct, kw_only=True):
     prompt_tokens: int = 0
-    cached_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served from a cache (local prefix cache or provider cache reads)
+    cache_write_tokens: int = 0  # prompt tokens the cloud provider wrote to its prompt cache
     completion_tokens: int = 0
     cost: float = 0.0
     counterfactual_cost: float = 0.0
@@ -62,6 +63,8 @@ class Result(msgspec.Struct, kw_only=True):
     finish_reason: str
     usage: Usage
     session_id: str = ""
+    degraded: bool = False  # the router wanted the cloud but could not have it: answered locally
+    route_reason: str = ""  # policy, router, cascade, context_overflow, no_cloud, circuit_open, cloud_error, budget_*
 
 
 class Delta(msgspec.Struct, frozen=True):

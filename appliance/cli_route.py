@@ -1,0 +1,161 @@
+"""`appliance router ...` (also `appliance route ...`): train the difficulty router, evaluate routing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+DEFAULT_OUTPUT_TOKENS = 200
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "router",
+        aliases=["route"],
+        help="difficulty router: train it on labelled text, evaluate its decisions and cost",
+        description="The router sends a request to the cloud when its classifier's P(cloud) is at least "
+        "[route].threshold. It reads a sentence embedding (all-MiniLM-L6-v2) and cheap features (length, task "
+        "kind, language). `train` fits it on a text,label CSV (label local or cloud); `eval` replays a CSV.",
+    )
+    rsub = p.add_subparsers(dest="route_action", metavar="ACTION", required=True)
+    t = rsub.add_parser(
+        "train",
+        help="fit the router on a text,label CSV and make it the service's default",
+        description="Fits the classifier (logistic regression on embedding + features, and a features-only "
+        "fallback) on CSV rows `text,label` with label `local` or `cloud`, and writes it to --out (default: "
+        "$APPLIANCE_HOME/router/classifier.npz, which `appliance serve` loads unless [route].classifier is set).",
+    )
+    t.add_argument("--csv", type=Path, required=True, help="text,label rows (label: local or cloud)")
+    t.add_argument("--out", type=Path, default=None, help="where to write the model (.npz)")
+    t.add_argument("--json", action="store_true", help="print the summary as JSON")
+    t.set_defaults(func=run_train)
+
+    e = rsub.add_parser(
+        "eval",
+        help="route a text[,label] CSV: decisions, share to cloud, cost vs all-cloud, accuracy",
+        description="Routes each row with the service's router (or --model) and prices it with the config's "
+        "price table: prompt tokens as the embedding tokenizer counts them, --output-tokens per answer. Reports "
+        "each decision, the share sent to the cloud, the cost against sending everything to the cloud, and "
+        "accuracy/precision/recall of the cloud label where rows are labelled.",
+    )
+    e.add_argument("--csv", type=Path, required=True, help="text[,label] rows")
+    e.add_argument("--model", type=Path, default=None, help="router .npz (default: what the service loads)")
+    e.add_argument("--config", "-c", type=Path, default=None, help="service TOML for [pricing] and [route]")
+    e.add_argument("--threshold", type=float, default=None, help="override [route].threshold")
+    e.add_argument("--output-tokens", type=int, default=DEFAULT_OUTPUT_TOKENS, help="assumed answer length")
+    e.add_argument("--json", action="store_true", help="print JSON (with every decision)")
+    e.set_defaults(func=run_eval)
+
+
+def _fail(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from appliance.cache.embedder import GgufEmbedder
+    from appliance.cache.errors import CacheError
+    from appliance.route.classifier import TrainingDataError, file_source, read_labelled, train
+    from appliance.route.router import trained_path
+
+    out = args.out or trained_path()
+    try:
+        texts, labels = read_labelled(args.csv)
+        with GgufEmbedder() as embedder:
+            model = train(texts, labels, embedder, file_source(args.csv))
+            correct = sum(
+                (model.p_cloud(t, embedder) >= 0.5) == (lab == "cloud") for t, lab in zip(texts, labels, strict=True)
+            )
+        model.save(out)
+    except (TrainingDataError, CacheError, OSError) as e:
+        return _fail(str(e))
+    summary = {
+        "rows": len(texts),
+        "cloud": labels.count("cloud"),
+        "local": labels.count("local"),
+        "training_accuracy": round(correct / len(texts), 4),
+        "model": str(out),
+        "source": model.source,
+    }
+    print(
+        json.dumps(summary, indent=2)
+        if args.json
+        else f"trained on {len(texts)} rows -> {out} (training accuracy {summary['training_accuracy']})"
+    )
+    return 0
+
+
+def evaluate(
+    rows: list[tuple[str, str | None]], score: Any, count: Any, pricing: Any, threshold: float, output_tokens: int
+) -> dict[str, Any]:
+    """Decisions and totals for (text, label) rows; `score(text) -> (p_cloud, kind)`, `count(text) -> tokens`."""
+    decisions, cost, all_cloud = [], 0.0, 0.0
+    tp = fp = fn = correct = labelled = 0
+    for text, label in rows:
+        p, kind = score(text)
+        route = "cloud" if p >= threshold else "local"
+        price = pricing.cloud_cost(count(text), 0, output_tokens)
+        all_cloud += price
+        cost += price if route == "cloud" else pricing.local_cost(count(text), output_tokens)
+        decisions.append({"text": text[:80], "p_cloud": round(p, 4), "route": route, "kind": kind, "label": label})
+        if label is not None:
+            labelled += 1
+            correct += route == label
+            tp += route == label == "cloud"
+            fp += route == "cloud" != label
+            fn += route == "local" != label
+    n = max(len(rows), 1)
+    report: dict[str, Any] = {
+        "rows": len(rows),
+        "threshold": threshold,
+        "share_cloud": round(sum(d["route"] == "cloud" for d in decisions) / n, 4),
+        "cost": round(cost, 6),
+        "cost_all_cloud": round(all_cloud, 6),
+        "saving": round(1 - cost / all_cloud, 4) if all_cloud else 0.0,
+        "currency": pricing.currency,
+    }
+    if labelled:
+        report |= {
+            "labelled": labelled,
+            "accuracy": round(correct / labelled, 4),
+            "cloud_precision": round(tp / (tp + fp), 4) if tp + fp else None,
+            "cloud_recall": round(tp / (tp + fn), 4) if tp + fn else None,
+        }
+    report["decisions"] = decisions
+    return report
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from appliance.cache.embedder import GgufEmbedder
+    from appliance.cache.errors import CacheError
+    from appliance.route.classifier import RouterModel, TrainingDataError, read_labelled
+    from appliance.route.router import Router, load_model
+    from appliance.service.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config)
+        texts, labels = read_labelled(args.csv, require_labels=False)
+        with GgufEmbedder() as embedder:
+            model = RouterModel.load(args.model) if args.model else load_model(cfg.route.classifier, embedder)
+            threshold = cfg.route.threshold if args.threshold is None else args.threshold
+            router = Router(model, embedder, threshold)
+            report = evaluate(
+                list(zip(texts, labels, strict=True)),
+                router.score,
+                lambda t: len(embedder.tokenize(t)),
+                cfg.pricing,
+                threshold,
+                args.output_tokens,
+            )
+    except (TrainingDataError, CacheError, ConfigError, OSError) as e:
+        return _fail(str(e))
+    report["model"] = model.source
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        head = {k: v for k, v in report.items() if k != "decisions"}
+        print("\n".join(f"{k}: {v}" for k, v in head.items()))
+    return 0

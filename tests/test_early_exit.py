@@ -79,7 +79,9 @@ def test_adaptive_threshold_one_equals_full_depth(tiny_model: Callable[..., Path
     vocab = _native.Vocab(str(path))
     prompts = [list(vocab.tokenize(p)) for p in TINY_PROMPTS]
     full, _ = run(tiny_engine(path, None), prompts, 16)
-    engine = tiny_engine(path, list(range(vocab.n_tokens)), exit_layers=[1, 2, 3], exit_thresholds=[0.5, 0.5, 0.5])
+    engine = tiny_engine(
+        path, list(range(vocab.n_tokens)), exit_layers=[1, 2, 3], exit_thresholds=[0.5, 0.5, 0.5], always_draft=True
+    )
     out, events = run(engine, prompts, 16, exit_mode="adaptive", exit_threshold=1.0)
     assert out == full
     decided = [at for ev in events for at in ev.exit_layers]
@@ -97,7 +99,8 @@ def test_adaptive_exits_fill_skipped_layers(tiny_model: Callable[..., Path]) -> 
     full, _ = run(tiny_engine(path, None), prompts, 12)
     results = []
     for _ in range(2):
-        engine = tiny_engine(path, list(range(vocab.n_tokens)), exit_layers=[2], exit_thresholds=[0.0])
+        vocab_ids = list(range(vocab.n_tokens))
+        engine = tiny_engine(path, vocab_ids, exit_layers=[2], exit_thresholds=[0.0], always_draft=True)
         out, events = run(engine, prompts, 12, exit_mode="adaptive")
         results.append(out)
         per_token = [at for ev in events for at in ev.exit_layers]

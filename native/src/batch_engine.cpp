@@ -165,7 +165,7 @@ std::vector<Event> BatchEngine::step() {
         step_lossless(plan, events);
         return events;
     }
-    if (mode == ExitMode::Adaptive && (params_.always_draft || adapt_.use_spec(n))) {
+    if (mode == ExitMode::Adaptive) {  // asked for explicitly, at the request's own threshold
         step_adaptive(plan, events);
         return events;
     }
@@ -206,8 +206,8 @@ std::vector<Event> BatchEngine::step() {
         ++n_tokens;
         emit(s, tok, events);
     }
-    if (mode != ExitMode::Off) {  // a plain step where early exit was possible: its cost per token
-        (mode == ExitMode::Lossless ? spec_ : adapt_).record(false, n, now_us() - t0, n_tokens);
+    if (mode == ExitMode::Lossless) {  // a plain step where drafting was possible: its cost per token
+        spec_.record(false, n, now_us() - t0, n_tokens);
         ++plain_decode_steps_;
     }
     return events;

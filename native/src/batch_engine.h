@@ -35,7 +35,7 @@ struct BatchEngineParams {
     std::vector<float>    exit_thresholds;   // the calibrated confidence each exit layer needs (same length)
     uint32_t              draft_exit_layer = 0;  // lossless: the draft runs layers [0, E); 0 means all of them
     uint32_t              draft_max        = 8;  // lossless: most positions drafted per round
-    bool                  always_draft     = false;  // early exit even where plain steps measure faster (tests)
+    bool                  always_draft     = false;  // lossless: draft even where plain steps measure faster
 };
 
 struct Request {
@@ -129,8 +129,7 @@ private:
     uint64_t                                               n_steps_ = 0;
     Batch                                                  batch_;
     std::vector<float>                                     logits_;
-    SpecPolicy                                             spec_;   // lossless drafting vs plain steps
-    SpecPolicy                                             adapt_;  // adaptive exits vs plain steps
+    SpecPolicy                                             spec_;  // lossless drafting vs plain steps
     uint64_t spec_steps_ = 0, plain_decode_steps_ = 0, drafted_ = 0, accepted_ = 0, adaptive_tokens_ = 0;
     std::vector<uint64_t>                                  exits_per_layer_;
     std::vector<float>                                     vocab_row_;  // scratch: a shortlist row spread over the vocabulary

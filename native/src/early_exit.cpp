@@ -182,7 +182,6 @@ void BatchEngine::step_lossless(const std::vector<Scheduled> & plan, std::vector
 }
 
 void BatchEngine::step_adaptive(const std::vector<Scheduled> & plan, std::vector<Event> & events) {
-    const uint64_t               t0      = now_us();
     const uint32_t               L       = model_.hp.n_layer;
     const uint32_t               n_vocab = model_.hp.n_vocab;
     const std::vector<int32_t> & ids     = runner_.shortlist()->tokens();
@@ -248,7 +247,6 @@ void BatchEngine::step_adaptive(const std::vector<Scheduled> & plan, std::vector
         }
     }
     ++n_steps_;
-    adapt_.record(true, n, now_us() - t0, n);
 }
 
 }  // namespace appliance

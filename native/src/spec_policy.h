@@ -1,8 +1,8 @@
-// Whether an early-exit step pays at the current batch size. Speculation stops paying once the
-// batch is full (llama.cpp measured lookup decoding at 0.86x with 4 slots), and so do the extra
-// passes of adaptive exits: rather than guess, the engine measures the time per emitted token of
-// early-exit and plain decode steps at each number of decoding sequences and picks the faster,
-// probing the slower one now and then (rarely enough that a probe costs a few percent).
+// Whether self-speculative decoding pays at the current batch size. Speculation stops paying once
+// the batch is full (llama.cpp measured lookup decoding at 0.86x with 4 slots): rather than guess,
+// the engine measures the time per emitted token of drafting and plain decode steps at each number
+// of decoding sequences and picks the faster, probing the slower one now and then (rarely enough
+// that a probe, a whole drafting round, costs a few percent).
 #pragma once
 
 #include <cstdint>

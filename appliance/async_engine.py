@@ -311,13 +311,26 @@ class AsyncEngine:
                 native_ev.n_accepted,
                 tuple(native_ev.exit_layers),
             )
-            sub.loop.call_soon_threadsafe(sub.events.put_nowait, ev)
+            if not self._post(sub, ev):  # its caller's event loop has closed: nobody will read it
+                self._native.cancel(native_ev.id)
+                self._streams.pop(native_ev.id, None)
+        self._stats = dict(self._native.stats())
 
     def _fail_all(self, error: BaseException) -> None:
         for rid, sub in list(self._streams.items()):
             self._native.cancel(rid)
-            sub.loop.call_soon_threadsafe(sub.events.put_nowait, error)
+            self._post(sub, error)
         self._streams.clear()
+
+    @staticmethod
+    def _post(sub: _Submit, item: _Event | BaseException) -> bool:
+        """Hand an event to its caller's loop; False when that loop has closed (the caller left
+        without its cancel arriving first, e.g. at asyncio.run's shutdown)."""
+        try:
+            sub.loop.call_soon_threadsafe(sub.events.put_nowait, item)
+        except RuntimeError:
+            return False
+        return True
 
 
 class _Nothing:

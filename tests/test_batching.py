@@ -307,3 +307,31 @@ def test_async_engine_saves_and_loads_prefixes(tiny_model: Callable[..., Path], 
         assert asyncio.run(once(second)) >= saved
     finally:
         second.close()
+
+
+def test_engine_thread_survives_callers_whose_loop_closed(tiny_model: Callable[..., Path]) -> None:
+    """A caller that leaves mid-stream and whose event loop then closes (asyncio.run returning) may
+    still have tokens in flight: the engine thread must drop them, not die posting to a closed loop."""
+    path = tiny_model("gemma3", "Q8_0")
+    engine = AsyncEngine(path, n_blocks=64, block_size=16, n_threads=1)
+
+    async def leave_early() -> None:
+        async for _c in engine.generate("a long one", SamplingOptions(temperature=0.0, max_tokens=200)):
+            break
+
+    async def full() -> str:
+        gen = engine.generate("the quick brown", SamplingOptions(temperature=0.0, max_tokens=8))
+        return "".join([c.text async for c in gen])
+
+    try:
+        for _ in range(5):
+            asyncio.run(leave_early())
+        text = asyncio.run(asyncio.wait_for(full(), timeout=30))
+        assert text
+        for _ in range(100):
+            if engine.stats()["n_running"] == 0:
+                break
+            asyncio.run(asyncio.sleep(0.01))
+        assert engine.stats()["n_running"] == 0
+    finally:
+        engine.close()

@@ -1,21 +1,16 @@
 #include "batch_engine.h"
 
+#include "clock.h"
 #include "error.h"
 #include "model.h"
 
 #include <algorithm>
-#include <chrono>
 #include <cstdio>
 #include <cstring>
 
 namespace appliance {
 
 namespace {
-
-uint64_t now_us() {
-    return static_cast<uint64_t>(
-        std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now().time_since_epoch()).count());
-}
 
 uint64_t fnv1a(const std::string & s) {
     uint64_t h = 1469598103934665603ull;

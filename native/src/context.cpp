@@ -133,12 +133,10 @@ void Context::probe_exits(const std::vector<int32_t> & tokens, const std::vector
         for (size_t x = 0; x < n_exits; ++x) {
             runner_.run(batch_, chunk_logits_, PassSpec{begin, exit_layers[x], Head::Shortlist, true, false});
             for (uint32_t i = 0; i < len; ++i) {
-                const float * row  = chunk_logits_.data() + static_cast<size_t>(i) * n_short;
-                const int32_t best = argmax(row, static_cast<int32_t>(n_short));
-                double        sum  = 0.0;
-                for (size_t j = 0; j < n_short; ++j) sum += std::exp(static_cast<double>(row[j] - row[best]));
+                const float * row       = chunk_logits_.data() + static_cast<size_t>(i) * n_short;
+                const auto [conf, best] = top_prob(row, static_cast<int32_t>(n_short));
                 exit_top[(off + i) * n_exits + x]  = sl->tokens()[best];
-                exit_conf[(off + i) * n_exits + x] = static_cast<float>(1.0 / sum);
+                exit_conf[(off + i) * n_exits + x] = conf;
             }
             begin = exit_layers[x];
         }

@@ -15,32 +15,14 @@
 //   otherwise it runs on to the next exit layer, and finally through the full network and head.
 #include "batch_engine.h"
 
+#include "clock.h"
 #include "error.h"
 #include "model.h"
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 
 namespace appliance {
-
-namespace {
-
-uint64_t now_us() {
-    return static_cast<uint64_t>(
-        std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now().time_since_epoch()).count());
-}
-
-// top softmax probability over row[0..n) and its index
-std::pair<float, int32_t> top_prob(const float * row, uint32_t n) {
-    const int32_t best = argmax(row, static_cast<int32_t>(n));
-    const float   m    = row[best];
-    double        sum  = 0.0;
-    for (uint32_t i = 0; i < n; ++i) sum += std::exp(static_cast<double>(row[i] - m));
-    return {static_cast<float>(1.0 / sum), best};
-}
-
-}  // namespace
 
 void BatchEngine::check_exit_params() const {
     const uint32_t L = model_.hp.n_layer;
@@ -229,7 +211,7 @@ void BatchEngine::step_adaptive(const std::vector<Scheduled> & plan, std::vector
             Sequence &     s   = *plan[j].seq;
             const float *  row = logits_.data() + r * n_short;
             const float    thr = s.exit_threshold >= 0.0f ? s.exit_threshold : params_.exit_thresholds[x];
-            if (top_prob(row, n_short).first > thr) {
+            if (top_prob(row, static_cast<int32_t>(n_short)).first > thr) {
                 decide(j, sample_shortlist(s, row), e);
             } else {
                 stay.push_back(j);

@@ -1,13 +1,13 @@
 #include "model_runner.h"
 
 #include "arch/arch.h"
+#include "clock.h"
 #include "error.h"
 #include "model.h"
 
 #include "cpu_backend.h"
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 
 namespace appliance {
@@ -23,11 +23,6 @@ void set_input(ggml_tensor * t, const void * data, size_t bytes) {
     if (t != nullptr && t->buffer != nullptr) {
         ggml_backend_tensor_set(t, data, 0, bytes);
     }
-}
-
-uint64_t now_us() {
-    return static_cast<uint64_t>(
-        std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now().time_since_epoch()).count());
 }
 
 }  // namespace

@@ -18,6 +18,13 @@ int32_t argmax(const float * logits, int32_t n) {
     return best;
 }
 
+std::pair<float, int32_t> top_prob(const float * logits, int32_t n) {
+    const int32_t best = argmax(logits, n);
+    double        sum  = 0.0;
+    for (int32_t i = 0; i < n; ++i) sum += std::exp(static_cast<double>(logits[i] - logits[best]));
+    return {static_cast<float>(1.0 / sum), best};
+}
+
 Sampler::Sampler(const SamplingParams & p, int32_t n_vocab) : params_(p), n_vocab_(n_vocab), rng_(p.seed) {
     APPL_REQUIRE(n_vocab > 0, InvalidArgument, "n_vocab must be positive");
     APPL_REQUIRE(std::isfinite(p.temperature) && p.temperature >= 0.0f, InvalidArgument, "temperature must be >= 0");

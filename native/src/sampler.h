@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <random>
+#include <utility>
 #include <vector>
 
 namespace appliance {
@@ -43,5 +44,8 @@ private:
 
 // index of the largest logit (lowest index on ties)
 int32_t argmax(const float * logits, int32_t n);
+
+// the largest softmax probability over logits[0..n) and its index (early exit's confidence)
+std::pair<float, int32_t> top_prob(const float * logits, int32_t n);
 
 }  // namespace appliance

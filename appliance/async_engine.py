@@ -28,7 +28,15 @@ from typing import Any
 
 from appliance import _native
 from appliance.early_exit import ExitCalibration, load_calibration
-from appliance.engine import Chunk, ContextOverflowError, DecodeStats, default_threads, render_chat, to_utf8
+from appliance.engine import (
+    Chunk,
+    ContextOverflowError,
+    DecodeStats,
+    default_threads,
+    eog_tokens,
+    render_chat,
+    to_utf8,
+)
 from appliance.sampling import SamplingOptions
 from appliance.textstream import TextStream
 
@@ -110,8 +118,7 @@ class AsyncEngine:
         path = os.fspath(model_path)
         self.model = _native.Model(path, use_gpu=use_gpu)
         self.vocab = _native.Vocab(path)
-        eog = [t for t in (self.vocab.eos, self.vocab.eot) if t >= 0]
-        eog += [t for t in range(self.vocab.n_tokens) if t not in eog and self.vocab.is_eog(t)]
+        eog = eog_tokens(self.vocab)
         self.exit_calibration: ExitCalibration | None = load_calibration(path) if early_exit else None
         cal = self.exit_calibration
         self._native = _native.BatchEngine(

@@ -64,6 +64,12 @@ class Chunk:
     decode: DecodeStats | None = None
 
 
+def eog_tokens(vocab: _native.Vocab) -> list[int]:
+    """Every end-of-generation token of the vocabulary: EOS and EOT first, then the rest it marks."""
+    eog = [t for t in (vocab.eos, vocab.eot) if t >= 0]
+    return eog + [t for t in range(vocab.n_tokens) if t not in eog and vocab.is_eog(t)]
+
+
 def default_threads() -> int:
     """Physical-core-ish default: every CPU this process may run on."""
     return max(1, len(os.sched_getaffinity(0)))

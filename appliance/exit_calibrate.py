@@ -27,7 +27,7 @@ from appliance.early_exit import (
     choose_thresholds,
     exit_stats,
 )
-from appliance.engine import default_threads
+from appliance.engine import default_threads, eog_tokens
 
 MAX_EXIT_LAYERS = 4  # each exit layer is one more pass per undecided token
 
@@ -46,7 +46,7 @@ def generate_greedy(
     progress: TextIO | None,
 ) -> list[list[int]]:
     """Full-depth greedy continuations of every prompt, batched."""
-    eog = [t for t in (vocab.eos, vocab.eot) if t >= 0]
+    eog = eog_tokens(vocab)
     eng = _native.BatchEngine(model, n_threads=threads, eog_tokens=eog, max_seqs=16)
     ids = [eng.submit(p, max_tokens=max_tokens, temperature=0.0) for p in prompts]
     out: dict[int, list[int]] = {i: [] for i in ids}

@@ -23,6 +23,7 @@ import numpy as np
 from appliance import _native
 from appliance.bench.common import run_child
 from appliance.early_exit import ExitCalibration, load_calibration, packaged_prompts
+from appliance.engine import eog_tokens
 
 
 def serve_all(
@@ -114,7 +115,7 @@ def bench_early_exit(
     vocab = _native.Vocab(model)
     texts = packaged_prompts("early_exit_eval_prompts.txt")[:n_prompts]
     prompts = [list(vocab.tokenize(t)) for t in texts]
-    eog = [t for t in (vocab.eos, vocab.eot) if t >= 0]
+    eog = eog_tokens(vocab)
     ctx = _native.Context(m, n_ctx=max(len(p) for p in prompts) + n_gen + 8, n_threads=threads)
     ctx.set_shortlist(cal.shortlist)
     ctx.decode(prompts[0])

@@ -33,6 +33,7 @@ from typing import Any, Literal
 import msgspec
 
 from appliance.provision import data_home
+from appliance.sampling import ExitMode
 
 
 class ConfigError(ValueError):
@@ -83,7 +84,7 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # early exit for requests that do not choose: "lossless" (same output, drafts only while it
     # measures faster), "adaptive" (confident tokens leave early) or "off". Needs the model's
     # calibration (`appliance models calibrate-exit`); without one every request runs at full depth.
-    early_exit: str = "lossless"
+    early_exit: ExitMode = "lossless"
 
     def __post_init__(self) -> None:
         _check(self.n_ctx >= 64, "n_ctx", "must be >= 64")
@@ -94,7 +95,6 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         _check(self.keep_turns >= 0, "keep_turns", "must be >= 0")
         _check(self.summary_max_tokens >= 8, "summary_max_tokens", "must be >= 8")
         _check(self.default_max_tokens >= 1, "default_max_tokens", "must be >= 1")
-        _check(self.early_exit in ("off", "lossless", "adaptive"), "early_exit", "must be off, lossless or adaptive")
 
 
 class CloudConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -47,12 +47,10 @@ class LocalBackend:
     def n_layer(self) -> int:
         return int(self.engine.model.n_layer)
 
-    def default_exit(self, configured: str) -> ExitMode | None:
+    def default_exit(self, configured: ExitMode) -> ExitMode | None:
         """The early-exit mode for requests that do not choose; None when the model has no calibration
         (then only "off" can be served)."""
-        if self.engine.exit_calibration is None:
-            return None
-        return "lossless" if configured == "lossless" else "adaptive" if configured == "adaptive" else "off"
+        return None if self.engine.exit_calibration is None else configured
 
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
         return self.engine.tokenize(text, add_special=add_special, parse_special=True)

@@ -51,6 +51,8 @@ class _Event:
     drafted: int = 0
     accepted: int = 0
     exit_layers: tuple[int, ...] = ()
+    logprobs: tuple[float, ...] = ()  # per token, when the request asked (SamplingOptions.logprobs)
+    entropies: tuple[float, ...] = ()
 
 
 class _Tally:
@@ -200,15 +202,15 @@ class AsyncEngine:
                 tally.add(ev)
                 for i, tok in enumerate(ev.tokens):
                     text = stream.push(self.vocab.token_to_piece(tok))
+                    lp, ent = (ev.logprobs[i], ev.entropies[i]) if ev.logprobs else (None, None)
                     if stream.stopped:
-                        yield Chunk(tok, text, "stop", ev.n_prompt, ev.n_cached, tally.stats())
+                        yield Chunk(tok, text, "stop", ev.n_prompt, ev.n_cached, tally.stats(), lp, ent)
                         return
                     if finished and i == len(ev.tokens) - 1:
-                        yield Chunk(
-                            tok, text + stream.finish(), ev.finish_reason, ev.n_prompt, ev.n_cached, tally.stats()
-                        )
+                        text += stream.finish()
+                        yield Chunk(tok, text, ev.finish_reason, ev.n_prompt, ev.n_cached, tally.stats(), lp, ent)
                     else:
-                        yield Chunk(tok, text)
+                        yield Chunk(tok, text, logprob=lp, entropy=ent)
                 if finished and not ev.tokens:
                     yield Chunk(None, stream.finish(), ev.finish_reason, ev.n_prompt, ev.n_cached, tally.stats())
         finally:
@@ -284,6 +286,7 @@ class AsyncEngine:
                         tenant=cmd.tenant,
                         exit_mode=o.early_exit,
                         exit_threshold=o.exit_threshold,
+                        logprobs=o.logprobs,
                     )
                 )
             except (ValueError, RuntimeError) as e:
@@ -317,6 +320,8 @@ class AsyncEngine:
                 native_ev.n_drafted,
                 native_ev.n_accepted,
                 tuple(native_ev.exit_layers),
+                tuple(native_ev.logprobs),
+                tuple(native_ev.entropies),
             )
             if not self._post(sub, ev):  # its caller's event loop has closed: nobody will read it
                 self._native.cancel(native_ev.id)

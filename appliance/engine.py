@@ -62,6 +62,8 @@ class Chunk:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     decode: DecodeStats | None = None
+    logprob: float | None = None  # SamplingOptions.logprobs: the token's log-probability at temperature 1
+    entropy: float | None = None  # ... and the entropy (nats) of the distribution it came from
 
 
 def eog_tokens(vocab: _native.Vocab) -> list[int]:

@@ -8,15 +8,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from typing import Any
+
+import msgspec
 
 from appliance.cloud.client import CloudBackend
 from appliance.cloud.types import CloudError, Reply
 from appliance.route.budget import Budget
 from appliance.route.cascade import assess
 from appliance.route.stage import Routed, Routing
-from appliance.service.admission import Admission
+from appliance.service.admission import Admission, Lane
 from appliance.service.cache_stage import PassThroughCache, SemanticCacheStage
 from appliance.service.config import Config, ModelConfig, PricingConfig
 from appliance.service.context import Built, ContextBuilder, with_passages
@@ -56,8 +59,10 @@ class Pipeline:
         summarizer = Summarizer(backend.generate, backend.tokenize, model.summary_max_tokens)
         self.context = ContextBuilder(backend.count_tokens, summarizer.fold, model.context_budget, model.keep_turns)
 
-    async def run(self, raw: Any, tenant: str, *, chat: bool) -> AsyncIterator[Delta | Result]:
-        """Serve one request: yields text deltas, then the Result once its ledger row is committed."""
+    async def run(self, raw: Any, tenant: str, *, chat: bool, streamed: bool = True) -> AsyncIterator[Delta | Result]:
+        """Serve one request: yields text deltas, then the Result once its ledger row is committed.
+        `streamed`: the caller sends the deltas on as they come (else only the Result counts, so a cloud
+        answer that breaks off can still be replaced by a local one)."""
         t0 = time.perf_counter()
         req = normalize(
             raw,
@@ -77,26 +82,28 @@ class Pipeline:
 
         routed = await self.routing.decide(req)
         cloud = self.routing.cloud(req.tenant)
-        async with self.admission.slot():
+        # a cloud answer waits in the cloud lane, holding none of the local engine's slots (an overflow
+        # found after tokenizing, or an escalation by the cascade, keeps the lane it started in)
+        lane: Lane = "cloud" if routed.route == "cloud" and cloud is not None else "local"
+        async with self.admission.slot(lane):
             session = await asyncio.to_thread(self.history.load, req.tenant, req.session_id) if req.chat else None
             built = await self._build_context(req, session)
             tokens = self._tokenize(req, built)
             routed = await self.routing.within_budget(req, self._overflow(routed, tokens, cloud), len(tokens))
             self._check_fits(req, routed, tokens)
-            out = Served(routed, self.backend.name, len(tokens))
+            out = Served(routed, self.backend.name, len(tokens), streamed=streamed)
             try:
                 if routed.route == "cloud" and cloud is not None:
                     async for delta in self._cloud_or_local(req, built, tokens, cloud, out, t0):
                         yield delta
                 else:
                     self._check_cost(req, len(tokens))
-                    held = self.routing.cascades(routed, cloud)
-                    async for delta in self._local(req, tokens, out, t0):
-                        if not held:
-                            yield delta
-                    if held:
-                        async for delta in self._cascade(req, built, tokens, cloud, out, t0):
-                            yield delta
+                    if self.routing.cascades(routed, cloud):
+                        stream = self._cascade(req, built, tokens, cloud, out, t0)
+                    else:
+                        stream = self._local(req, tokens, out, t0)
+                    async for delta in stream:
+                        yield delta
             except Exception:
                 out.finish = "error"
                 raise
@@ -113,28 +120,36 @@ class Pipeline:
 
     # ------------------------------------------------------------------ backends
 
-    async def _local(self, req: Request, tokens: list[int], out: Served, t0: float) -> AsyncIterator[Delta]:
+    async def _local(
+        self, req: Request, tokens: list[int], out: Served, t0: float, *, scored: bool = False
+    ) -> AsyncGenerator[Delta, None]:
+        """The local model's answer, streamed into `out` (which says "cancelled" until it finishes).
+        `scored`: the engine scores each token for the cascade (out.scores)."""
         out.finish = "cancelled"
-        async for chunk in self.backend.generate(tokens, req.sampling, tenant=req.tenant):
-            if chunk.token is not None:
-                out.usage.completion_tokens += 1
-                if out.usage.completion_tokens == 1:
-                    out.usage.first_token_ms = (time.perf_counter() - t0) * 1e3
-            if chunk.text:
-                out.parts.append(chunk.text)
-                yield Delta(req.request_id, chunk.text)
-            out.finish = chunk.finish_reason or out.finish
-            out.usage.cached_tokens = chunk.cached_tokens or out.usage.cached_tokens
-            if chunk.decode is not None:
-                out.usage.early_exit_tokens = chunk.decode.early_tokens(self.backend.n_layer)
-                out.usage.layers_per_token = round(chunk.decode.mean_layers, 3)
-                out.usage.draft_acceptance = round(chunk.decode.acceptance, 3)
+        options = msgspec.structs.replace(req.sampling, logprobs=True) if scored else req.sampling
+        async with aclosing(self.backend.generate(tokens, options, tenant=req.tenant)) as chunks:
+            async for chunk in chunks:
+                if chunk.token is not None:
+                    out.usage.completion_tokens += 1
+                    out.scores.add(chunk.logprob, chunk.entropy)
+                    if out.usage.completion_tokens == 1:
+                        out.usage.first_token_ms = (time.perf_counter() - t0) * 1e3
+                out.finish = chunk.finish_reason or out.finish
+                if chunk.text:
+                    out.parts.append(chunk.text)
+                    yield Delta(req.request_id, chunk.text)
+                out.usage.cached_tokens = chunk.cached_tokens or out.usage.cached_tokens
+                if chunk.decode is not None:
+                    out.usage.early_exit_tokens = chunk.decode.early_tokens(self.backend.n_layer)
+                    out.usage.layers_per_token = round(chunk.decode.mean_layers, 3)
+                    out.usage.draft_acceptance = round(chunk.decode.acceptance, 3)
 
     async def _cloud(
         self, req: Request, built: Built, cloud: CloudBackend, out: Served, t0: float
-    ) -> AsyncIterator[Delta]:
+    ) -> AsyncGenerator[Delta, None]:
         """The cloud's answer, streamed into `out`. A CloudError before any text leaves `out` as it was,
-        marked degraded (reason cloud_error), and ends quietly; after text it is Unavailable."""
+        marked degraded (reason cloud_error), and ends quietly, as does one after text that the client
+        has not seen (a unary call); after streamed text it is Unavailable."""
         messages = built.messages or [{"role": "user", "content": with_passages(req.prompt, built.passages)}]
         sent = False
         try:
@@ -147,14 +162,14 @@ class Pipeline:
                 sent = True
                 yield Delta(req.request_id, item)
         except CloudError as e:
-            if sent:
+            if sent and out.streamed:
                 raise Unavailable(f"the cloud stream broke after the answer had started: {e}") from None
             log.warning("cloud failed for %s/%s; answering locally: %s", req.tenant, req.request_id, e)
             Routing.downgrade(out.routed, "cloud_error")
 
     async def _cloud_or_local(
         self, req: Request, built: Built, tokens: list[int], cloud: CloudBackend, out: Served, t0: float
-    ) -> AsyncIterator[Delta]:
+    ) -> AsyncGenerator[Delta, None]:
         async for delta in self._cloud(req, built, cloud, out, t0):
             yield delta
         if out.route != "cloud":
@@ -168,24 +183,63 @@ class Pipeline:
 
     async def _cascade(
         self, req: Request, built: Built, tokens: list[int], cloud: CloudBackend | None, out: Served, t0: float
-    ) -> AsyncIterator[Delta]:
-        """The held-back local answer, checked: sent as it is when confident, else the cloud's answer."""
-        conf = assess(out.text, out.finish, self.routing.cfg.route)
-        if conf.escalate and cloud is not None:
-            refusal = await self.routing.refusal(req, len(tokens))
-            if refusal:
-                Routing.downgrade(out.routed, refusal)
-            else:
-                local_cost = self.pricing.local_cost(out.usage.prompt_tokens, out.usage.completion_tokens)
-                out.routed.reason = "cascade"
-                log.info("escalating %s/%s to the cloud: %s", req.tenant, req.request_id, conf.why)
-                async for delta in self._cloud(req, built, cloud, out, t0):
+    ) -> AsyncGenerator[Delta, None]:
+        """A local answer checked before it is sent. Its first `[route] cascade_window` tokens (all of
+        it when 0 or when it is shorter) are held back and assessed: a confident answer is sent and
+        streams on; an unsure one is cancelled and the cloud answers instead. Should the cloud then
+        fail, the local answer is generated in full and sent (degraded)."""
+        window = self.routing.cfg.route.cascade_window
+        held: list[Delta] = []
+        checked = escalate = False
+        async with aclosing(self._local(req, tokens, out, t0, scored=True)) as local:
+            async for delta in local:
+                if checked:
                     yield delta
-                if out.route == "cloud":
-                    out.local_cost = local_cost
-                    return
-        if out.text:
-            yield Delta(req.request_id, out.text)
+                    continue
+                held.append(delta)
+                if window and out.usage.completion_tokens >= window and out.finish == "cancelled":
+                    checked = True
+                    escalate = await self._escalates(req, tokens, cloud, out, partial=True)
+                    if escalate:
+                        break  # closing the stream cancels the local generation
+                    for d in held:
+                        yield d
+        if not checked:
+            escalate = await self._escalates(req, tokens, cloud, out, partial=False)
+            if not escalate:
+                for d in held:
+                    yield d
+        if not escalate or cloud is None:
+            return
+        local_cost = self.pricing.local_cost(out.usage.prompt_tokens, out.usage.completion_tokens)
+        async for delta in self._cloud(req, built, cloud, out, t0):
+            yield delta
+        if out.route == "cloud":
+            out.local_cost = local_cost
+            return
+        if out.finish == "cancelled":  # the cloud failed and the local answer had been cut short
+            out.parts.clear()
+            out.usage.completion_tokens = 0
+            async for delta in self._local(req, tokens, out, t0):
+                yield delta
+        else:
+            for d in held:
+                yield d
+
+    async def _escalates(
+        self, req: Request, tokens: list[int], cloud: CloudBackend | None, out: Served, *, partial: bool
+    ) -> bool:
+        """Does the (start of the) local answer in `out` go to the cloud instead? Sets the route reason."""
+        conf = assess(out.text, out.finish, self.routing.cfg.route, out.scores, partial=partial)
+        if not conf.escalate or cloud is None:
+            return False
+        refusal = await self.routing.refusal(req, len(tokens))
+        if refusal:
+            Routing.downgrade(out.routed, refusal)
+            return False
+        out.routed.reason = "cascade"
+        log.info("escalating %s/%s to the cloud: %s", req.tenant, req.request_id, conf.why)
+        return True
 
     # ------------------------------------------------------------------ stage helpers
 

@@ -263,3 +263,57 @@ def test_service_serves_both_modes_with_usage(tiny_model: Callable[..., Path], t
     assert off.usage.layers_per_token == 4 and off.usage.early_exit_tokens == 0
     assert 0 <= ll.usage.draft_acceptance <= 1 and ll.usage.layers_per_token >= 4
     assert ad.usage.early_exit_tokens > 0 and ad.usage.layers_per_token < 4
+
+
+def _scores_of(events: list[_native.Event]) -> dict[int, list[tuple[float, float]]]:
+    out: dict[int, list[tuple[float, float]]] = {}
+    for ev in events:
+        assert len(ev.logprobs) == len(ev.entropies) == len(ev.tokens)
+        out.setdefault(ev.id, []).extend(zip(ev.logprobs, ev.entropies, strict=True))
+    return out
+
+
+def test_token_scores_in_every_decode_mode(tiny_model: Callable[..., Path]) -> None:
+    """logprobs=True scores each new token as numpy does from the full-depth logits (plain and
+    lossless decoding, adaptive at threshold 1), and from the shortlist for tokens that exit early;
+    without it nothing is scored."""
+    path = tiny_model("llama", "F32", n_layer=4)
+    model, vocab = _native.Model(str(path)), _native.Vocab(str(path))
+    prompt = list(vocab.tokenize(TINY_PROMPTS[0]))
+    n = 10
+    plain, events = run(tiny_engine(path, None), [prompt], n)
+    assert all(not ev.logprobs and not ev.entropies for ev in events)
+
+    ctx = _native.Context(model, n_ctx=64)
+    expected = []
+    for i, tok in enumerate(plain[0]):
+        ctx.truncate(0)
+        ctx.decode(prompt + plain[0][:i])
+        logits = np.asarray(ctx.logits(), dtype=np.float64)
+        lse = logits.max() + np.log(np.exp(logits - logits.max()).sum())
+        p = np.exp(logits - lse)
+        expected.append((logits[tok] - lse, float(-(p * (logits - lse)).sum())))
+
+    shortlist = list(range(vocab.n_tokens))
+    cases: list[tuple[_native.BatchEngine, dict[str, object]]] = [
+        (tiny_engine(path, None), {}),
+        (tiny_engine(path, shortlist, always_draft=True, draft_max=4), {"exit_mode": "lossless"}),
+        (
+            tiny_engine(path, shortlist, exit_layers=[2], exit_thresholds=[0.5], always_draft=True),
+            {"exit_mode": "adaptive", "exit_threshold": 1.0},
+        ),
+    ]
+    for engine, kw in cases:
+        out, events = run(engine, [prompt], n, logprobs=True, **kw)
+        assert out == plain, kw
+        got = next(iter(_scores_of(events).values()))
+        np.testing.assert_allclose(np.array(got), np.array(expected), atol=2e-3, err_msg=str(kw))
+
+    # every token exits at layer 2: scored over the shortlist (half the vocabulary here)
+    half = list(range(0, vocab.n_tokens, 2))
+    engine = tiny_engine(path, half, exit_layers=[2], exit_thresholds=[0.0], always_draft=True)
+    out, events = run(engine, [prompt], n, logprobs=True, exit_mode="adaptive")
+    got = next(iter(_scores_of(events).values()))
+    assert len(got) == n
+    for (lp, ent), tok in zip(got[1:], out[0][1:], strict=True):
+        assert tok in half and lp <= 0 and 0 <= ent <= np.log(len(half)) + 1e-4

@@ -97,6 +97,40 @@ def test_cascade_escalates_a_truncated_local_answer(served: ServerProcess) -> No
     assert _ledger(served, "casc-1")["route_reason"] == "cascade"
 
 
+def test_cascade_checks_a_window_then_streams_or_cuts_the_local_answer(
+    tiny_model: Any, llama_cloud: str, tmp_path: Path
+) -> None:
+    """[route] cascade_window = 4: the check runs on the first 4 tokens. With thresholds nothing fails,
+    the local answer is sent whole, as the same greedy answer local_only gives. With the defaults, the
+    tiny random model's unsure start is cut there: the escalated request pays for 4 local tokens, not
+    for a whole local answer (local tokens priced at 1 per token to see it)."""
+    window = "local_per_mtok = 1000000.0\n[route]\ncascade_window = 4\n"
+    lenient = "min_mean_logprob = -1000.0\nmax_mean_entropy = 1000.0\nmax_repetition = 1.0\nmin_confidence = 0.0\n"
+    ask = {"messages": [("user", EASY)], "max_tokens": 24, "temperature": 0, "cache_policy": 1}
+    for extra, escalates in ((window + lenient + "escalate_truncated = false\n", False), (window, True)):
+        d = tmp_path / str(escalates)
+        d.mkdir()
+        srv = _server(d, tiny_model("gemma3"), llama_cloud, extra)
+        try:
+            with srv.client("acme") as c:
+                alone = c.generate(**ask, route_policy=LOCAL_ONLY)
+                chunks = list(c.stream(**ask))
+        finally:
+            assert srv.stop() == 0
+        final = chunks[-1].final
+        assert alone.route == ROUTE_LOCAL and alone.usage.completion_tokens > 4
+        if not escalates:
+            assert final.route == ROUTE_LOCAL and final.route_reason == "router"
+            assert "".join(ch.delta for ch in chunks[:-1]) == final.text == alone.text
+            assert len(chunks) > 2  # streamed in pieces, not one held-back block
+        else:
+            assert final.route == ROUTE_CLOUD and final.route_reason == "cascade"
+            u = final.usage
+            cloud = (3.0 * (u.prompt_tokens - u.cached_tokens) + 15.0 * u.completion_tokens) / 1e6
+            local_paid = u.cost - cloud
+            assert local_paid == pytest.approx(alone.usage.prompt_tokens + 4, abs=0.01)
+
+
 def test_monthly_budget_reached_answers_locally_and_says_so(served: ServerProcess) -> None:
     with served.client("globex") as c:
         r = c.generate(messages=[("user", HARD)], max_tokens=8, temperature=0, cache_policy=1, request_id="bud-1")
@@ -115,13 +149,19 @@ def test_unreachable_cloud_degrades_to_local_and_cloud_only_without_cloud_is_ref
     tiny_model: Any, tmp_path: Path
 ) -> None:
     dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
-    srv = _server(tmp_path, tiny_model("gemma3"), dead)
+    srv = _server(tmp_path, tiny_model("gemma3"), dead, "[route]\ncascade_window = 4\n")
     try:
         with srv.client("acme") as c:
             r = c.generate(messages=[("user", HARD)], max_tokens=8, temperature=0, cache_policy=1)
             forced = c.generate(prompt="hello", max_tokens=4, temperature=0, route_policy=CLOUD_ONLY, cache_policy=1)
+            # the cascade cuts the unsure local answer after 4 tokens, the cloud fails: answered in full locally
+            ask = {"messages": [("user", EASY)], "max_tokens": 16, "temperature": 0, "cache_policy": 1}
+            cut = c.generate(**ask)
+            alone = c.generate(**ask, route_policy=LOCAL_ONLY)
         assert r.route == ROUTE_LOCAL and r.degraded and r.route_reason == "cloud_error" and r.text
         assert forced.route == ROUTE_LOCAL and forced.degraded and forced.route_reason == "cloud_error"
+        assert cut.route == ROUTE_LOCAL and cut.degraded and cut.route_reason == "cloud_error"
+        assert cut.text == alone.text and cut.usage.completion_tokens == alone.usage.completion_tokens > 4
     finally:
         assert srv.stop() == 0
 
@@ -157,6 +197,38 @@ def test_anthropic_cloud_through_the_service_and_context_overflow(tiny_model: An
         assert headers["x-api-key"] == "ant-secret" and body["model"] == "claude-x"
         assert _ledger(srv, "long-1")["cache_write_tokens"] == 100
         assert "ant-secret" not in (tmp_path / "server.log").read_text()
+    finally:
+        assert srv.stop() == 0
+        cloud.close()
+
+
+def test_cloud_breaking_off_mid_answer(tiny_model: Any, tmp_path: Path) -> None:
+    """A cloud answer that breaks off after some text: a unary Generate (the client has seen nothing)
+    gets the local answer instead, degraded; a stream that already sent the text ends UNAVAILABLE."""
+    import grpc
+    from fake_cloud import Answer, FakeCloud, openai_stream, sse
+
+    cloud = FakeCloud()
+    broken = openai_stream(["Partial ", "answer"])[:2] + sse((None, "{not json"))
+    cloud.script = [Answer(events=broken), Answer(events=broken)]
+    cfg = write_config(tmp_path / "appliance.toml", tiny_model("gemma3"))
+    cfg.write_text(
+        cfg.read_text()
+        + f'[cloud]\nprovider = "openai"\nbase_url = "{cloud.url}"\nmodel = "gpt-x"\nmax_retries = 0\n'
+        + "[pricing]\ninput_per_mtok = 1.0\noutput_per_mtok = 5.0\n"
+    )
+    srv = ServerProcess(cfg)
+    ask = {"prompt": "hello", "max_tokens": 6, "temperature": 0, "cache_policy": 1}
+    try:
+        with srv.client("acme") as c:
+            r = c.generate(**ask, route_policy=CLOUD_ONLY, request_id="brk-1")
+            alone = c.generate(**ask, route_policy=LOCAL_ONLY)
+            with pytest.raises(grpc.RpcError) as e:
+                list(c.stream(**ask, route_policy=CLOUD_ONLY, request_id="brk-2"))
+        assert r.route == ROUTE_LOCAL and r.degraded and r.route_reason == "cloud_error"
+        assert r.text == alone.text and "Partial" not in r.text
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "broke" in (e.value.details() or "")
+        assert len(cloud.requests) == 2
     finally:
         assert srv.stop() == 0
         cloud.close()

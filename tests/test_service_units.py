@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.service.admission import Admission
+from appliance.service.admission import Admission, Lane
 from appliance.service.auth import Authenticator, hash_token
 from appliance.service.config import Config, ConfigError, TenantConfig, load_config, parse_config
 from appliance.service.context import ContextBuilder, select_passages
@@ -63,6 +63,35 @@ def test_auth_by_transport() -> None:
         auth.tenant_for("ipv6:[::1]:5", [("authorization", "Bearer s3cret2")], "")
     with pytest.raises(PermissionDenied):
         auth.tenant_for("ipv4:127.0.0.1:5", [("authorization", "Bearer s3cret")], "other")
+
+
+def test_cloud_requests_do_not_take_local_slots() -> None:
+    """The local lane full (and the queue too) still admits a cloud request at once, and the other way."""
+
+    async def scenario() -> None:
+        adm = Admission(max_concurrent=1, max_queue=0, retry_after_ms=10, max_cloud=1)
+        gate = asyncio.Event()
+
+        async def hold(lane: Lane) -> None:
+            async with adm.slot(lane):
+                await gate.wait()
+
+        local = asyncio.create_task(hold("local"))
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded, match="local"):
+            async with adm.slot("local"):
+                pass
+        cloud = asyncio.create_task(hold("cloud"))
+        await asyncio.sleep(0)
+        assert adm.lane_running == {"local": 1, "cloud": 1} and adm.running == 2
+        with pytest.raises(Overloaded, match="cloud"):
+            async with adm.slot("cloud"):
+                pass
+        gate.set()
+        await asyncio.gather(local, cloud)
+        await asyncio.wait_for(adm.wait_idle(), 1)
+
+    asyncio.run(scenario())
 
 
 def test_admission_bounds_the_queue_and_drains() -> None:

@@ -1,51 +1,61 @@
-"""Bounded admission: at most `max_concurrent` requests run, at most `max_queue` wait; the rest are
-refused at once with RESOURCE_EXHAUSTED and a retry hint, so memory stays bounded under overload."""
+"""Bounded admission: at most `max_concurrent` requests run on the local model and at most
+`max_cloud` wait on a cloud answer (two lanes, so slow cloud calls never hold the local engine's
+slots); at most `max_queue` wait in all; the rest are refused at once with RESOURCE_EXHAUSTED and a
+retry hint, so memory stays bounded under overload."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Literal
 
 from appliance.service.errors import Overloaded, Unavailable
 
+Lane = Literal["local", "cloud"]
+
 
 class Admission:
-    def __init__(self, max_concurrent: int, max_queue: int, retry_after_ms: int) -> None:
-        self.max_concurrent = max_concurrent
+    def __init__(self, max_concurrent: int, max_queue: int, retry_after_ms: int, max_cloud: int = 32) -> None:
+        self.limits: dict[Lane, int] = {"local": max_concurrent, "cloud": max_cloud}
         self.max_queue = max_queue
         self.retry_after_ms = retry_after_ms
-        self._slots = asyncio.Semaphore(max_concurrent)
-        self.running = 0
+        self._slots: dict[Lane, asyncio.Semaphore] = {k: asyncio.Semaphore(v) for k, v in self.limits.items()}
+        self.lane_running: dict[Lane, int] = {"local": 0, "cloud": 0}
         self.waiting = 0
         self.closed = False  # draining: no new requests
         self._idle = asyncio.Event()
         self._idle.set()
 
+    @property
+    def running(self) -> int:
+        return sum(self.lane_running.values())
+
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
+    async def slot(self, lane: Lane = "local") -> AsyncIterator[None]:
         if self.closed:
             raise Unavailable("the server is shutting down")
-        if self.running >= self.max_concurrent and self.waiting >= self.max_queue:
+        if self.lane_running[lane] >= self.limits[lane] and self.waiting >= self.max_queue:
             raise Overloaded(
-                f"overloaded: {self.running} running and {self.waiting} queued; retry in {self.retry_after_ms} ms",
+                f"overloaded: {self.lane_running[lane]} running ({lane}) and {self.waiting} queued; "
+                f"retry in {self.retry_after_ms} ms",
                 self.retry_after_ms,
             )
         self.waiting += 1
         self._idle.clear()
         try:
-            await self._slots.acquire()
+            await self._slots[lane].acquire()
         except BaseException:
             self.waiting -= 1
             self._update_idle()
             raise
         self.waiting -= 1
-        self.running += 1
+        self.lane_running[lane] += 1
         try:
             yield
         finally:
-            self.running -= 1
-            self._slots.release()
+            self.lane_running[lane] -= 1
+            self._slots[lane].release()
             self._update_idle()
 
     def _update_idle(self) -> None:

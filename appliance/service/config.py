@@ -52,6 +52,7 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_message_bytes: int = 4 * 1024 * 1024
     max_concurrent: int = 8  # requests generating at once (batched together by the local engine)
     max_queue: int = 16  # requests waiting for a slot; more get RESOURCE_EXHAUSTED
+    max_cloud_concurrent: int = 32  # requests waiting on a cloud answer at once (they hold no local slot)
     retry_after_ms: int = 1000  # the retry hint sent with RESOURCE_EXHAUSTED
     drain_timeout_s: float = 10.0  # graceful shutdown: in-flight requests get this long to finish
     metrics: str = ""  # "127.0.0.1:9464" serves Prometheus metrics over HTTP; empty: off
@@ -60,6 +61,7 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         _check(self.max_message_bytes >= 1024, "max_message_bytes", "must be >= 1024")
         _check(self.max_concurrent >= 1, "max_concurrent", "must be >= 1")
         _check(self.max_queue >= 0, "max_queue", "must be >= 0")
+        _check(self.max_cloud_concurrent >= 1, "max_cloud_concurrent", "must be >= 1")
         _check(self.retry_after_ms >= 0, "retry_after_ms", "must be >= 0")
         _check(self.drain_timeout_s >= 0, "drain_timeout_s", "must be >= 0")
         _check(0 <= self.socket_mode <= 0o777, "socket_mode", "must be a permission mode such as 0o660")
@@ -168,10 +170,16 @@ class RouteConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     min_confidence: float = 0.5  # escalate below this confidence
     max_repetition: float = 0.35  # share of repeated word 3-grams that counts as a looping answer
     escalate_truncated: bool = True  # an answer cut by max_tokens counts as low confidence
+    min_mean_logprob: float = -2.0  # escalate when the answer's tokens average a lower log-probability
+    max_mean_entropy: float = 4.0  # ... or a higher entropy (nats) of the distributions they came from
+    cascade_window: int = 32  # tokens held back and checked before a local answer streams; 0: all of it
 
     def __post_init__(self) -> None:
         for name in ("threshold", "min_confidence", "max_repetition"):
             _check(0 <= getattr(self, name) <= 1, name, "must be in [0, 1]")
+        _check(self.min_mean_logprob <= 0, "min_mean_logprob", "must be <= 0")
+        _check(self.max_mean_entropy >= 0, "max_mean_entropy", "must be >= 0")
+        _check(self.cascade_window >= 0, "cascade_window", "must be >= 0")
 
 
 class BudgetConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

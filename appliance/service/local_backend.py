@@ -10,7 +10,7 @@ last chunk (`cached_tokens`), from the tenant-salted prefix cache.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from pathlib import Path
 
 from appliance.async_engine import AsyncEngine
@@ -72,7 +72,7 @@ class LocalBackend:
 
     async def generate(
         self, tokens: Sequence[int], options: SamplingOptions, *, tenant: str | None = None
-    ) -> AsyncIterator[Chunk]:
+    ) -> AsyncGenerator[Chunk, None]:
         """Stream the continuation of `tokens`. Raises ValueError (overflow, bad options) up front.
 
         `tenant` namespaces the prefix cache; a call without one (the summarizer's) gets a namespace of

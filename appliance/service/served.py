@@ -6,14 +6,16 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from appliance.cloud.types import CloudUsage, Reply
+from appliance.route.cascade import TokenScores
 from appliance.route.stage import Routed
 from appliance.service.config import PricingConfig
 from appliance.service.types import RouteTaken, Usage
 
 
 class Served:
-    def __init__(self, routed: Routed, local_model: str, prompt_tokens: int) -> None:
+    def __init__(self, routed: Routed, local_model: str, prompt_tokens: int, *, streamed: bool = True) -> None:
         self.routed = routed
+        self.streamed = streamed  # the client sees text as it comes (else only the final answer)
         self.route: RouteTaken = "local"
         self.model = local_model
         self.parts: list[str] = []
@@ -22,6 +24,7 @@ class Served:
         self.usage = Usage(prompt_tokens=prompt_tokens)
         self.cloud_cost = 0.0
         self.local_cost = 0.0  # a local answer the cascade replaced
+        self.scores = TokenScores()  # the local answer's token scores, when the cascade asked for them
 
     @property
     def text(self) -> str:

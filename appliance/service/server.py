@@ -81,7 +81,8 @@ class ApplianceServer:
         self.cfg = cfg
         self._load_backend = load_backend
         self.auth = Authenticator(cfg.tenants, cfg.default_tenant)
-        self.admission = Admission(cfg.server.max_concurrent, cfg.server.max_queue, cfg.server.retry_after_ms)
+        srv = cfg.server
+        self.admission = Admission(srv.max_concurrent, srv.max_queue, srv.retry_after_ms, srv.max_cloud_concurrent)
         self.metrics = Metrics()
         self.pipeline: Pipeline | None = None
         self.ledger: Ledger | None = None
@@ -284,12 +285,18 @@ class ApplianceServer:
         await context.abort(grpc.StatusCode[e.code], str(e), trailing_metadata=trailing)
 
     async def _events(
-        self, request: Any, context: grpc.aio.ServicerContext[Any, Any], *, chat: bool, method: str
+        self,
+        request: Any,
+        context: grpc.aio.ServicerContext[Any, Any],
+        *,
+        chat: bool,
+        method: str,
+        streamed: bool = True,
     ) -> AsyncIterator[Delta | Result]:
         try:
             tenant = self.auth.tenant_for(context.peer(), context.invocation_metadata() or (), request.tenant)
             pipeline = self._ready()
-            async for event in pipeline.run(request, tenant, chat=chat):
+            async for event in pipeline.run(request, tenant, chat=chat, streamed=streamed):
                 if isinstance(event, Result):
                     self.metrics.observe(method, event)
                 yield event
@@ -300,7 +307,7 @@ class ApplianceServer:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
     async def generate(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        async for event in self._events(request, context, chat=False, method="Generate"):
+        async for event in self._events(request, context, chat=False, method="Generate", streamed=False):
             if isinstance(event, Result):
                 return result_to_proto(event)
         raise RuntimeError("the pipeline ended without a result")

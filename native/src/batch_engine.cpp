@@ -83,6 +83,7 @@ int64_t BatchEngine::submit(const Request & r) {
     seq->stop_at_eog    = r.stop_at_eog;
     seq->exit_mode      = r.exit_mode;
     seq->exit_threshold = r.exit_threshold;
+    seq->logprobs       = r.logprobs;
     Sequence * s = seq.get();
     seqs_.emplace(s->id, std::move(seq));
     sched_.add(s);
@@ -125,7 +126,11 @@ void BatchEngine::register_full_blocks(Sequence & s) {
     }
 }
 
-bool BatchEngine::emit(Sequence & s, int32_t tok, std::vector<Event> & events) {
+TokenScore BatchEngine::score(const Sequence & s, const float * row, uint32_t n, int32_t idx) {
+    return s.logprobs ? score_token(row, static_cast<int32_t>(n), idx) : TokenScore{};
+}
+
+bool BatchEngine::emit(Sequence & s, int32_t tok, std::vector<Event> & events, TokenScore sc) {
     if (eog_.count(tok) != 0 && s.stop_at_eog) {
         finish(&s, "stop", events);
         return false;
@@ -134,6 +139,10 @@ bool BatchEngine::emit(Sequence & s, int32_t tok, std::vector<Event> & events) {
     for (auto it = events.rbegin(); it != events.rend(); ++it) {
         if (it->id == s.id) {
             it->tokens.push_back(tok);
+            if (s.logprobs) {
+                it->logprobs.push_back(sc.logprob);
+                it->entropies.push_back(sc.entropy);
+            }
             break;
         }
     }
@@ -199,7 +208,7 @@ std::vector<Event> BatchEngine::step() {
         events.back().layers_run = model_.hp.n_layer;  // for the new token (a prompt's layers are not counted)
         events.back().exit_layers.push_back(static_cast<uint16_t>(model_.hp.n_layer));
         ++n_tokens;
-        emit(s, tok, events);
+        emit(s, tok, events, score(s, row, model_.hp.n_vocab, tok));
     }
     if (mode == ExitMode::Lossless) {  // a plain step where drafting was possible: its cost per token
         spec_.record(false, n, now_us() - t0, n_tokens);

@@ -46,6 +46,7 @@ struct Request {
     std::string          tenant;  // prefix-cache namespace: a cached prefix is reused only within it
     ExitMode             exit_mode      = ExitMode::Off;
     float                exit_threshold = -1.0f;  // adaptive: exit when confidence > this; < 0: calibrated
+    bool                 logprobs       = false;  // score each new token (Event::logprobs, Event::entropies)
 };
 
 // What a step produced for one request.
@@ -60,6 +61,10 @@ struct Event {
     uint32_t             n_drafted  = 0;       // lossless: positions drafted
     uint32_t             n_accepted = 0;       // lossless: drafted tokens the full model agreed with
     std::vector<uint16_t> exit_layers;         // per new token: the layer count it was decided at
+    // Request::logprobs: per new token, its log-probability and the entropy (nats) of the distribution
+    // it was drawn from (the full head's, or the shortlist's for a token that exited early)
+    std::vector<float>    logprobs;
+    std::vector<float>    entropies;
 };
 
 class BatchEngine {
@@ -110,12 +115,14 @@ private:
     void            register_full_blocks(Sequence & s);
     // Appends tok to s, or finishes s on an end-of-generation token or at its length limit; false once
     // s is finished (and gone). The step's event for s must exist.
-    bool            emit(Sequence & s, int32_t tok, std::vector<Event> & events);
+    bool            emit(Sequence & s, int32_t tok, std::vector<Event> & events, TokenScore score = {});
+    // the token's score when its request asked for one (a pass over the row), else NaNs
+    static TokenScore score(const Sequence & s, const float * row, uint32_t n, int32_t idx);
     // early exit (early_exit.cpp)
     ExitMode        exit_mode_for(const std::vector<Scheduled> & plan) const;
     void            step_lossless(const std::vector<Scheduled> & plan, std::vector<Event> & events);
     void            step_adaptive(const std::vector<Scheduled> & plan, std::vector<Event> & events);
-    int32_t         sample_shortlist(Sequence & s, const float * row);
+    int32_t         sample_shortlist(Sequence & s, const float * row, TokenScore * sc = nullptr);
     void            check_exit_params() const;
 
     const Model &                                          model_;

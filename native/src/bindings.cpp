@@ -245,7 +245,11 @@ PYBIND11_MODULE(_native, m) {
         .def_readonly("layers_run", &Event::layers_run, "layer evaluations spent this step (drafts included)")
         .def_readonly("n_drafted", &Event::n_drafted, "lossless: positions drafted this step")
         .def_readonly("n_accepted", &Event::n_accepted, "lossless: drafted tokens the full model agreed with")
-        .def_readonly("exit_layers", &Event::exit_layers, "per new token: after how many layers it was decided");
+        .def_readonly("exit_layers", &Event::exit_layers, "per new token: after how many layers it was decided")
+        .def_readonly("logprobs", &Event::logprobs,
+                      "per new token when the request asked: its log-probability at temperature 1 (else empty)")
+        .def_readonly("entropies", &Event::entropies,
+                      "per new token when the request asked: the entropy in nats of the distribution it came from");
 
     py::class_<BatchEngine>(m, "BatchEngine",
                             "Continuous batching over a paged KV cache with a prefix cache. Not thread-safe: "
@@ -279,8 +283,10 @@ PYBIND11_MODULE(_native, m) {
              py::keep_alive<1, 2>())
         .def("submit", [](BatchEngine & e, const py::handle & prompt, uint32_t max_tokens, float temperature, int32_t top_k,
                           float top_p, float min_p, float repeat_penalty, int32_t repeat_last_n, uint64_t seed,
-                          bool stop_at_eog, std::string tenant, const std::string & exit_mode, float exit_threshold) {
+                          bool stop_at_eog, std::string tenant, const std::string & exit_mode, float exit_threshold,
+                          bool logprobs) {
                  Request r;
+                 r.logprobs       = logprobs;
                  r.exit_mode      = parse_exit_mode(exit_mode);
                  r.exit_threshold = exit_threshold;
                  r.prompt                  = as_tokens(prompt);
@@ -293,9 +299,10 @@ PYBIND11_MODULE(_native, m) {
              py::arg("prompt"), py::kw_only(), py::arg("max_tokens") = 256, py::arg("temperature") = 0.8f,
              py::arg("top_k") = 40, py::arg("top_p") = 0.95f, py::arg("min_p") = 0.05f, py::arg("repeat_penalty") = 1.0f,
              py::arg("repeat_last_n") = 64, py::arg("seed") = 0, py::arg("stop_at_eog") = true, py::arg("tenant") = "",
-             py::arg("exit_mode") = "off", py::arg("exit_threshold") = -1.0f,
+             py::arg("exit_mode") = "off", py::arg("exit_threshold") = -1.0f, py::arg("logprobs") = false,
              "Queue a request (prompt token ids); returns its id. exit_mode: 'off', 'lossless' (self-speculative, "
-             "same output) or 'adaptive' (confidence-based early exit; exit_threshold < 0 uses the calibrated ones).")
+             "same output) or 'adaptive' (confidence-based early exit; exit_threshold < 0 uses the calibrated ones). "
+             "logprobs: score every new token (Event.logprobs, Event.entropies; one pass over the vocabulary each).")
         .def("cancel", &BatchEngine::cancel, py::arg("id"), "Drop a request now, freeing its KV blocks.")
         .def("step", [](BatchEngine & e) {
                  py::gil_scoped_release release;

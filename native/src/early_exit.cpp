@@ -53,13 +53,14 @@ ExitMode BatchEngine::exit_mode_for(const std::vector<Scheduled> & plan) const {
     return mode;
 }
 
-int32_t BatchEngine::sample_shortlist(Sequence & s, const float * row) {
+int32_t BatchEngine::sample_shortlist(Sequence & s, const float * row, TokenScore * sc) {
     // spread the shortlist's logits over the vocabulary (everything else impossible) so the request's
     // own sampler (penalties, temperature, seed) decides, then clear them again
     const std::vector<int32_t> & ids = runner_.shortlist()->tokens();
     if (vocab_row_.size() != model_.hp.n_vocab) vocab_row_.assign(model_.hp.n_vocab, -INFINITY);
     for (size_t i = 0; i < ids.size(); ++i) vocab_row_[ids[i]] = row[i];
     const int32_t tok = s.sampler.sample(vocab_row_.data(), s.tokens);
+    if (sc != nullptr) *sc = score(s, vocab_row_.data(), model_.hp.n_vocab, tok);
     for (int32_t id : ids) vocab_row_[id] = -INFINITY;
     return tok;
 }
@@ -143,13 +144,14 @@ void BatchEngine::step_lossless(const std::vector<Scheduled> & plan, std::vector
         bool     alive    = true;
         uint32_t accepted = 0;
         for (uint32_t i = 0; i < dr.k && alive; ++i) {
-            const int32_t tok = s.sampler.sample(logits_.data() + (row + i) * n_vocab, s.tokens);
+            const float * lrow = logits_.data() + (row + i) * n_vocab;
+            const int32_t tok  = s.sampler.sample(lrow, s.tokens);
             s.n_computed += 1;  // position p0 + i held an accepted token: its K/V stand
             events[evi].exit_layers.push_back(static_cast<uint16_t>(L));
             ++emitted;
             const bool agree = tok == dr.toks[i];
             accepted += agree ? 1 : 0;
-            alive = emit(s, tok, events);  // s is gone when this is false
+            alive = emit(s, tok, events, score(s, lrow, n_vocab, tok));  // s is gone when this is false
             if (!agree) break;
         }
         row += dr.k;
@@ -189,7 +191,7 @@ void BatchEngine::step_adaptive(const std::vector<Scheduled> & plan, std::vector
         const uint32_t l_end = std::min(pass.l_end, L);
         for (uint32_t j : active) layers[j] += l_end - pass.l_begin;
     };
-    auto decide = [&](uint32_t j, int32_t tok, uint32_t at) {
+    auto decide = [&](uint32_t j, int32_t tok, uint32_t at, TokenScore sc) {
         Sequence & s = *plan[j].seq;
         s.n_computed += 1;
         register_full_blocks(s);
@@ -198,7 +200,7 @@ void BatchEngine::step_adaptive(const std::vector<Scheduled> & plan, std::vector
         events.back().exit_layers.push_back(static_cast<uint16_t>(at));
         exits_per_layer_[at] += 1;
         ++adaptive_tokens_;
-        emit(s, tok, events);
+        emit(s, tok, events, sc);
     };
 
     uint32_t begin = 0;
@@ -212,7 +214,9 @@ void BatchEngine::step_adaptive(const std::vector<Scheduled> & plan, std::vector
             const float *  row = logits_.data() + r * n_short;
             const float    thr = s.exit_threshold >= 0.0f ? s.exit_threshold : params_.exit_thresholds[x];
             if (top_prob(row, static_cast<int32_t>(n_short)).first > thr) {
-                decide(j, sample_shortlist(s, row), e);
+                TokenScore    sc;
+                const int32_t tok = sample_shortlist(s, row, &sc);
+                decide(j, tok, e, sc);
             } else {
                 stay.push_back(j);
             }
@@ -225,7 +229,9 @@ void BatchEngine::step_adaptive(const std::vector<Scheduled> & plan, std::vector
         const std::vector<uint32_t> last = active;
         for (size_t r = 0; r < last.size(); ++r) {
             Sequence & s = *plan[last[r]].seq;
-            decide(last[r], s.sampler.sample(logits_.data() + r * n_vocab, s.tokens), L);
+            const float * lrow = logits_.data() + r * n_vocab;
+            const int32_t tok  = s.sampler.sample(lrow, s.tokens);
+            decide(last[r], tok, L, score(s, lrow, n_vocab, tok));
         }
     }
     ++n_steps_;

@@ -3,6 +3,7 @@
 #include "error.h"
 
 #include <algorithm>
+#include <cassert>
 #include <cmath>
 #include <unordered_set>
 
@@ -23,6 +24,22 @@ std::pair<float, int32_t> top_prob(const float * logits, int32_t n) {
     double        sum  = 0.0;
     for (int32_t i = 0; i < n; ++i) sum += std::exp(static_cast<double>(logits[i] - logits[best]));
     return {static_cast<float>(1.0 / sum), best};
+}
+
+TokenScore score_token(const float * logits, int32_t n, int32_t idx) {
+    assert(n > 0 && idx >= 0 && idx < n);
+    float mx = logits[0];
+    for (int32_t i = 1; i < n; ++i) mx = std::max(mx, logits[i]);
+    // sum e^(l - mx) and sum e^(l - mx) (l - mx): log Z and E[l] without a second exp pass
+    float z = 0.0f, zl = 0.0f;
+    for (int32_t i = 0; i < n; ++i) {
+        const float d = logits[i] - mx;
+        const float e = std::exp(d);
+        z += e;
+        zl += e > 0.0f ? e * d : 0.0f;  // -inf logits (impossible tokens) add nothing
+    }
+    const float log_z = std::log(z);
+    return TokenScore{logits[idx] - mx - log_z, log_z - zl / z};
 }
 
 Sampler::Sampler(const SamplingParams & p, int32_t n_vocab) : params_(p), n_vocab_(n_vocab), rng_(p.seed) {

@@ -3,6 +3,7 @@
 // min-p -> temperature -> draw).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <random>
 #include <utility>
@@ -47,5 +48,15 @@ int32_t argmax(const float * logits, int32_t n);
 
 // the largest softmax probability over logits[0..n) and its index (early exit's confidence)
 std::pair<float, int32_t> top_prob(const float * logits, int32_t n);
+
+// How sure the model was of a token: under softmax(logits[0..n)) at temperature 1, before any
+// penalty or truncation, the token's log-probability and the distribution's entropy (nats).
+// The cascade's confidence check reads these; they cost one pass over the row.
+struct TokenScore {
+    float logprob = NAN;
+    float entropy = NAN;
+};
+// precondition: 0 <= idx < n
+TokenScore score_token(const float * logits, int32_t n, int32_t idx);
 
 }  // namespace appliance

@@ -37,6 +37,7 @@ struct Sequence {
     uint32_t             n_preemptions = 0;
     ExitMode             exit_mode = ExitMode::Off;
     float                exit_threshold = -1.0f;  // adaptive: < 0 uses the calibrated threshold of each exit layer
+    bool                 logprobs = false;        // score each emitted token (Request::logprobs)
     uint32_t             draft_len = 4;           // lossless: positions drafted per round, adapted to acceptance
 
     uint32_t n_generated() const { return static_cast<uint32_t>(tokens.size()) - n_prompt; }

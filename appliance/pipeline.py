@@ -1,15 +1,16 @@
-"""The request path, in one function: normalize -> semantic cache lookup -> route -> build context ->
-backend (local engine or cloud; a checked local answer may escalate to the cloud) -> ledger -> cache
-store. Each stage is a small module under appliance/service/ and appliance/route/; `Pipeline.run` is
-where to read how a request is served."""
+"""The request path, in one function: normalize -> replay of a retried request_id (ledger) -> session
+load (Chat) -> semantic cache lookup -> route -> build context -> backend (local engine or cloud; a
+checked local answer may escalate to the cloud) -> history and ledger -> cache store. Each stage is a
+small module under appliance/service/ and appliance/route/; `Pipeline.run` is where to read how a
+request is served."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Any
 
 import msgspec
@@ -23,11 +24,11 @@ from appliance.service.admission import Admission, Lane
 from appliance.service.cache_stage import PassThroughCache, SemanticCacheStage
 from appliance.service.config import Config, ModelConfig, PricingConfig
 from appliance.service.context import Built, ContextBuilder, with_passages
-from appliance.service.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unavailable
+from appliance.service.errors import Aborted, FailedPrecondition, InvalidArgument, Unavailable
 from appliance.service.history import HistoryStore, Session, StoredMessage
 from appliance.service.ledger import Ledger
 from appliance.service.local_backend import LocalBackend
-from appliance.service.normalize import normalize
+from appliance.service.normalize import normalize, request_hash
 from appliance.service.served import Served
 from appliance.service.summarizer import Summarizer
 from appliance.service.types import Delta, Request, Result
@@ -58,11 +59,14 @@ class Pipeline:
         self.routing = routing or Routing(Config(pricing=pricing), None, None, Budget(ledger, pricing))
         summarizer = Summarizer(backend.generate, backend.tokenize, model.summary_max_tokens)
         self.context = ContextBuilder(backend.count_tokens, summarizer.fold, model.context_budget, model.keep_turns)
+        self._serving: set[tuple[str, str]] = set()  # (tenant, request_id) being served now
 
     async def run(self, raw: Any, tenant: str, *, chat: bool, streamed: bool = True) -> AsyncIterator[Delta | Result]:
         """Serve one request: yields text deltas, then the Result once its ledger row is committed.
-        `streamed`: the caller sends the deltas on as they come (else only the Result counts, so a cloud
-        answer that breaks off can still be replaced by a local one)."""
+        A retry of a request_id already served for the tenant yields its stored answer instead (one
+        delta with the whole text, then the Result marked replayed): nothing generated, charged or
+        committed again. `streamed`: the caller sends the deltas on as they come (else only the Result
+        counts, so a cloud answer that breaks off can still be replaced by a local one)."""
         t0 = time.perf_counter()
         req = normalize(
             raw,
@@ -71,52 +75,78 @@ class Pipeline:
             default_max_tokens=self.model.default_max_tokens,
             default_exit=self.backend.default_exit(self.model.early_exit),
         )
-        if await asyncio.to_thread(self.ledger.exists, req.tenant, req.request_id):
-            raise AlreadyExists(f"request_id: '{req.request_id}' was already served for this tenant")
+        digest = request_hash(req)
+        with self._claim(req):
+            stored = await asyncio.to_thread(self.ledger.replay, req.tenant, req.request_id, digest)
+            if stored is not None:
+                if stored.text:
+                    yield Delta(req.request_id, stored.text)
+                yield stored
+                return
 
-        hit = await self.cache.lookup(req) if req.cache_policy != "skip" else None
-        if hit is not None:
-            await self.ledger.record(req.tenant, hit)
-            yield hit
-            return
-
-        routed = await self.routing.decide(req)
-        cloud = self.routing.cloud(req.tenant)
-        # a cloud answer waits in the cloud lane, holding none of the local engine's slots (an overflow
-        # found after tokenizing, or an escalation by the cascade, keeps the lane it started in)
-        lane: Lane = "cloud" if routed.route == "cloud" and cloud is not None else "local"
-        async with self.admission.slot(lane):
             session = await asyncio.to_thread(self.history.load, req.tenant, req.session_id) if req.chat else None
-            built = await self._build_context(req, session)
-            tokens = self._tokenize(req, built)
-            routed = await self.routing.within_budget(req, self._overflow(routed, tokens, cloud), len(tokens))
-            self._check_fits(req, routed, tokens)
-            out = Served(routed, self.backend.name, len(tokens), streamed=streamed)
-            try:
-                if routed.route == "cloud" and cloud is not None:
-                    async for delta in self._cloud_or_local(req, built, tokens, cloud, out, t0):
-                        yield delta
-                else:
-                    self._check_cost(req, len(tokens))
-                    if self.routing.cascades(routed, cloud):
-                        stream = self._cascade(req, built, tokens, cloud, out, t0)
-                    else:
-                        stream = self._local(req, tokens, out, t0)
-                    async for delta in stream:
-                        yield delta
-            except Exception:
-                out.finish = "error"
-                raise
-            finally:  # also on cancel/deadline: the work done is recorded
-                result = self._result(req, built, out, t0)
-                if session is not None and out.finish in ("stop", "length"):
-                    answer = StoredMessage("assistant", result.text, self.backend.count_tokens(result.text))
-                    await self.history.commit_turn_async(session, [*self._stored(req), answer])
-                await self.ledger.record(req.tenant, result)
+            if session is not None:
+                self._set_system(req, session)
+            key = self.cache.key(req, session) if req.cache_policy != "skip" else None
+            hit = await self.cache.lookup(req, key)
+            if hit is not None:
+                if session is not None:  # the conversation goes on from the cached answer
+                    await self._commit_turn(req, session, hit.text)
+                await self.ledger.record(req.tenant, hit, digest)
+                yield hit
+                return
 
-        if req.cache_policy == "auto":
-            await self.cache.store(req, result)
-        yield result
+            routed = await self.routing.decide(req)
+            cloud = self.routing.cloud(req.tenant)
+            # a cloud answer waits in the cloud lane, holding none of the local engine's slots (an
+            # overflow found after tokenizing, or an escalation by the cascade, keeps its lane)
+            lane: Lane = "cloud" if routed.route == "cloud" and cloud is not None else "local"
+            async with self.admission.slot(lane):
+                built = await self._build_context(req, session)
+                tokens = self._tokenize(req, built)
+                routed = await self.routing.within_budget(req, self._overflow(routed, tokens, cloud), len(tokens))
+                self._check_fits(req, routed, tokens)
+                out = Served(routed, self.backend.name, len(tokens), streamed=streamed)
+                try:
+                    if routed.route == "cloud" and cloud is not None:
+                        async for delta in self._cloud_or_local(req, built, tokens, cloud, out, t0):
+                            yield delta
+                    else:
+                        self._check_cost(req, len(tokens))
+                        if self.routing.cascades(routed, cloud):
+                            stream = self._cascade(req, built, tokens, cloud, out, t0)
+                        else:
+                            stream = self._local(req, tokens, out, t0)
+                        async for delta in stream:
+                            yield delta
+                except Exception:
+                    out.finish = "error"
+                    raise
+                finally:  # also on cancel/deadline: the work done is recorded
+                    result = self._result(req, built, out, t0)
+                    if session is not None and out.finish in ("stop", "length"):
+                        await self._commit_turn(req, session, result.text)
+                    await self.ledger.record(req.tenant, result, digest)
+
+            if req.cache_policy == "auto":
+                await self.cache.store(req, key, result)
+            yield result
+
+    @contextlib.contextmanager
+    def _claim(self, req: Request) -> Iterator[None]:
+        """One request per (tenant, request_id) at a time: a retry that arrives while the original is
+        still being served is refused with ABORTED (never run twice); once the original's ledger row
+        commits, a retry gets its stored answer."""
+        key = (req.tenant, req.request_id)
+        if key in self._serving:
+            raise Aborted(
+                f"request_id: '{req.request_id}' is still being served; retry after it finishes to get its answer"
+            )
+        self._serving.add(key)
+        try:
+            yield
+        finally:
+            self._serving.discard(key)
 
     # ------------------------------------------------------------------ backends
 
@@ -127,7 +157,7 @@ class Pipeline:
         `scored`: the engine scores each token for the cascade (out.scores)."""
         out.finish = "cancelled"
         options = msgspec.structs.replace(req.sampling, logprobs=True) if scored else req.sampling
-        async with aclosing(self.backend.generate(tokens, options, tenant=req.tenant)) as chunks:
+        async with contextlib.aclosing(self.backend.generate(tokens, options, tenant=req.tenant)) as chunks:
             async for chunk in chunks:
                 if chunk.token is not None:
                     out.usage.completion_tokens += 1
@@ -191,7 +221,7 @@ class Pipeline:
         window = self.routing.cfg.route.cascade_window
         held: list[Delta] = []
         checked = escalate = False
-        async with aclosing(self._local(req, tokens, out, t0, scored=True)) as local:
+        async with contextlib.aclosing(self._local(req, tokens, out, t0, scored=True)) as local:
             async for delta in local:
                 if checked:
                     yield delta
@@ -269,11 +299,19 @@ class Pipeline:
             route_reason=out.routed.reason,
         )
 
+    @staticmethod
+    def _set_system(req: Request, session: Session) -> None:
+        """A Chat request's system message replaces the session's system prompt."""
+        system = [m for m in req.messages if m.role == "system"]
+        if system:
+            session.system = system[-1].content
+
+    async def _commit_turn(self, req: Request, session: Session, answer: str) -> None:
+        reply = StoredMessage("assistant", answer, self.backend.count_tokens(answer))
+        await self.history.commit_turn_async(session, [*self._stored(req), reply])
+
     async def _build_context(self, req: Request, session: Session | None) -> Built:
         if session is not None:
-            system = [m for m in req.messages if m.role == "system"]
-            if system:
-                session.system = system[-1].content
             turn = [m for m in req.messages if m.role != "system"]
             return await self.context.chat(session, turn, req.context)
         return self.context.single(req.messages, req.prompt, req.context, self.model.context_budget)

@@ -3,8 +3,10 @@ never for an opposite question, and the ledger books what it saved."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_service_support import ServerProcess, write_config
@@ -61,3 +63,51 @@ def test_embed_returns_unit_vectors_and_checks_input(server: ServerProcess) -> N
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-4)
     assert float(vecs[0] @ vecs[1]) > float(vecs[0] @ vecs[2])  # a paraphrase is nearer than another topic
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "texts[1]" in (e.value.details() or "")
+
+
+def _session(srv: ServerProcess, session_id: str) -> list[tuple[str, str]]:
+    conn = sqlite3.connect(srv.config.parent / "state" / "history.sqlite")
+    try:
+        rows = conn.execute(
+            "SELECT role, content FROM messages WHERE tenant='acme' AND session_id=? ORDER BY idx", (session_id,)
+        ).fetchall()
+    finally:
+        conn.close()
+    return [(str(r[0]), str(r[1])) for r in rows]
+
+
+def _ledger_route(srv: ServerProcess, request_id: str) -> str:
+    conn = sqlite3.connect(srv.config.parent / "state" / "ledger.sqlite")
+    try:
+        (route,) = conn.execute("SELECT route FROM requests WHERE request_id=?", (request_id,)).fetchone()
+    finally:
+        conn.close()
+    return str(route)
+
+
+def test_session_turns_are_cached_under_the_conversation_state(server: ServerProcess) -> None:
+    first_q, follow_up = "What are your branch opening hours on Saturday?", "And on Sunday?"
+
+    def turn(c: Any, session: str, text: str, rid: str) -> Any:
+        return list(c.chat(session_id=session, messages=[("user", text)], max_tokens=8, temperature=0, request_id=rid))[
+            -1
+        ].final
+
+    with server.client("acme") as c:
+        a1 = turn(c, "hours-a", first_q, "ha-1")
+        b1 = turn(c, "hours-b", first_q, "hb-1")  # another session, same (empty) state: a hit
+        a2 = turn(c, "hours-a", follow_up, "ha-2")
+        b2 = turn(c, "hours-b", follow_up, "hb-2")  # same previous exchange as hours-a: a hit
+        c1 = turn(c, "cards-c", "How do I order a new debit card?", "hc-1")
+        c2 = turn(c, "cards-c", follow_up, "hc-2")  # another previous exchange: no hit
+    assert a1.route == ROUTE_LOCAL and b1.route == ROUTE_CACHE and b1.text == a1.text
+    assert b1.session_id == "hours-b" and _ledger_route(server, "hb-1") == "cache"
+    assert a2.route == ROUTE_LOCAL and b2.route == ROUTE_CACHE and b2.text == a2.text
+    assert c1.route == ROUTE_LOCAL and c2.route == ROUTE_LOCAL
+    # the cached turns are in the second session's history, so the conversation goes on from them
+    assert _session(server, "hours-b") == [
+        ("user", first_q),
+        ("assistant", a1.text),
+        ("user", follow_up),
+        ("assistant", a2.text),
+    ]

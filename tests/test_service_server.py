@@ -139,10 +139,12 @@ def test_other_statuses(server: ServerProcess) -> None:
         with pytest.raises(grpc.RpcError) as e:
             c.generate(prompt="hi", max_tokens=1, route_policy=2)
         assert _code(e) == grpc.StatusCode.FAILED_PRECONDITION
-        c.generate(prompt="hi", max_tokens=1, request_id="dup-1")
+        first = c.generate(prompt="hi", max_tokens=1, request_id="dup-1")
+        again = c.generate(prompt="hi", max_tokens=1, request_id="dup-1")  # a retry: the stored answer
+        assert again.replayed and again.text == first.text and not first.replayed
         with pytest.raises(grpc.RpcError) as e:
-            c.generate(prompt="hi", max_tokens=1, request_id="dup-1")
-        assert _code(e) == grpc.StatusCode.ALREADY_EXISTS
+            c.generate(prompt="hello", max_tokens=1, request_id="dup-1")
+        assert _code(e) == grpc.StatusCode.INVALID_ARGUMENT and _details(e).startswith("request_id:")
 
 
 def test_health_and_reflection(server: ServerProcess) -> None:

@@ -249,6 +249,15 @@ class StorageConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         return Path(self.dir).expanduser() if self.dir else data_home() / "state"
 
 
+class LedgerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # how long a response's text is kept in its ledger row so that a retry with the same request_id
+    # gets it back; older texts are purged (the accounting rows stay). 0: retries are refused
+    replay_window_s: float = 86400.0
+
+    def __post_init__(self) -> None:
+        _check(self.replay_window_s >= 0, "replay_window_s", "must be >= 0")
+
+
 class CacheConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     enabled: bool = True  # needs the embedding model (`appliance models pull all-minilm-l6-v2`)
     dir: str = ""  # empty: $APPLIANCE_HOME/semantic-cache
@@ -267,6 +276,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     tenants: list[TenantConfig] = msgspec.field(default_factory=list)
     pricing: PricingConfig = msgspec.field(default_factory=PricingConfig)
     storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
+    ledger: LedgerConfig = msgspec.field(default_factory=LedgerConfig)
     cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
     cloud: CloudConfig = msgspec.field(default_factory=CloudConfig)
     route: RouteConfig = msgspec.field(default_factory=RouteConfig)

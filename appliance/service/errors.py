@@ -37,6 +37,10 @@ class AlreadyExists(RequestError):
     code = "ALREADY_EXISTS"
 
 
+class Aborted(RequestError):
+    code = "ABORTED"
+
+
 class Overloaded(RequestError):
     code = "RESOURCE_EXHAUSTED"
 

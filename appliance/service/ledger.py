@@ -1,5 +1,11 @@
 """The usage ledger: one row per request (tenant, route, model, tokens, latency, cost, and the cost the
-configured cloud model would have charged). A response is acknowledged only after its row commits."""
+configured cloud model would have charged). A response is acknowledged only after its row commits.
+
+The row is also the request_id's idempotency record: it holds a hash of the normalized request and,
+for an answer that ended normally ("stop" or "length"), the whole response (`replay`, JSON) in the
+same insert. A retry with the same (tenant, request_id) and the same request gets that response back
+(`Ledger.replay`) instead of a second generation, charge or row. Response texts older than the replay
+window are purged (on open and then at most every few minutes); the accounting columns stay."""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ from typing import Any
 
 import msgspec
 
+from appliance.service.errors import AlreadyExists, InvalidArgument
 from appliance.service.sqlite import open_db
 from appliance.service.types import Result
 
@@ -36,6 +43,8 @@ CREATE TABLE IF NOT EXISTS requests (
     cache_write_tokens INTEGER NOT NULL DEFAULT 0,
     degraded INTEGER NOT NULL DEFAULT 0,
     route_reason TEXT NOT NULL DEFAULT '',
+    request_hash TEXT NOT NULL DEFAULT '',
+    replay TEXT,
     PRIMARY KEY (tenant, request_id)
 );
 CREATE INDEX IF NOT EXISTS requests_by_time ON requests (tenant, ts);
@@ -45,12 +54,16 @@ ADDED_COLUMNS = {
     "cache_write_tokens": "INTEGER NOT NULL DEFAULT 0",
     "degraded": "INTEGER NOT NULL DEFAULT 0",
     "route_reason": "TEXT NOT NULL DEFAULT ''",
+    "request_hash": "TEXT NOT NULL DEFAULT ''",
+    "replay": "TEXT",
 }
 COLUMNS = (
     "tenant request_id ts session_id route model cloud_model finish_reason prompt_tokens cached_tokens"
     " completion_tokens summary_saved_tokens early_exit_tokens latency_ms cost counterfactual_cost"
-    " cache_write_tokens degraded route_reason"
+    " cache_write_tokens degraded route_reason request_hash replay"
 ).split()
+REPLAYABLE = ("stop", "length")  # a cancelled or failed request's partial answer is not kept for retries
+_PURGE_EVERY_S = 300.0
 
 
 class Totals(msgspec.Struct, kw_only=True):
@@ -66,22 +79,31 @@ class Totals(msgspec.Struct, kw_only=True):
 
 
 class Ledger:
-    def __init__(self, path: Path, cloud_model: str) -> None:
+    def __init__(self, path: Path, cloud_model: str, replay_window_s: float = 86400.0) -> None:
         self.path = path
         self.cloud_model = cloud_model
+        self.replay_window_s = replay_window_s
         self._conn = open_db(path, SCHEMA)
         self._lock = threading.Lock()
         have = {r[1] for r in self._conn.execute("PRAGMA table_info(requests)")}
         for name, decl in ADDED_COLUMNS.items():
             if name not in have:
                 self._conn.execute(f"ALTER TABLE requests ADD COLUMN {name} {decl}")
+        # after the migration (an older ledger has no replay column): the purge's index
+        self._conn.execute("CREATE INDEX IF NOT EXISTS requests_replay ON requests (ts) WHERE replay IS NOT NULL")
+        self._last_purge = 0.0
+        self.purge_replays()
 
     def close(self) -> None:
         with self._lock:
             self._conn.close()
 
-    def _insert(self, tenant: str, result: Result, ts: float) -> None:
+    def _insert(self, tenant: str, result: Result, ts: float, request_hash: str) -> None:
         u = result.usage
+        keep = self.replay_window_s > 0 and result.finish_reason in REPLAYABLE
+        replay = msgspec.json.encode(result).decode() if keep else None
+        if time.monotonic() - self._last_purge > _PURGE_EVERY_S:
+            self.purge_replays()
         with self._lock:
             self._conn.execute(
                 f"INSERT INTO requests ({','.join(COLUMNS)}) VALUES ({','.join('?' * len(COLUMNS))})",
@@ -105,12 +127,15 @@ class Ledger:
                     u.cache_write_tokens,
                     int(result.degraded),
                     result.route_reason,
+                    request_hash,
+                    replay,
                 ),
             )  # autocommit: durable (synchronous=FULL) when this returns
 
-    async def record(self, tenant: str, result: Result) -> None:
-        """Commit the row; returns once it is durable. Shielded: a cancelled caller still gets its row."""
-        await asyncio.shield(asyncio.to_thread(self._insert, tenant, result, time.time()))
+    async def record(self, tenant: str, result: Result, request_hash: str = "") -> None:
+        """Commit the row (with what a retry needs to replay it); returns once it is durable. Shielded:
+        a cancelled caller still gets its row."""
+        await asyncio.shield(asyncio.to_thread(self._insert, tenant, result, time.time(), request_hash))
 
     def exists(self, tenant: str, request_id: str) -> bool:
         with self._lock:
@@ -118,6 +143,48 @@ class Ledger:
                 "SELECT 1 FROM requests WHERE tenant=? AND request_id=?", (tenant, request_id)
             ).fetchone()
         return row is not None
+
+    def replay(self, tenant: str, request_id: str, request_hash: str, now: float | None = None) -> Result | None:
+        """The stored response of `tenant`'s request `request_id` (marked replayed), or None when the
+        request_id is new. Raises InvalidArgument when the stored request differs from this one, and
+        AlreadyExists when it was served but its answer cannot be replayed (expired, not kept)."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT ts, request_hash, replay, finish_reason FROM requests WHERE tenant=? AND request_id=?",
+                (tenant, request_id),
+            ).fetchone()
+        if row is None:
+            return None
+        ts, stored_hash, replay, finish = float(row[0]), str(row[1]), row[2], str(row[3])
+        if stored_hash and stored_hash != request_hash:
+            raise InvalidArgument(
+                "request_id",
+                f"'{request_id}' was already used for a different request (prompt, messages or parameters);"
+                " use a new request_id for a new request",
+            )
+        served = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+        if finish not in REPLAYABLE:
+            raise AlreadyExists(
+                f"request_id: '{request_id}' was already served at {served} and ended '{finish}';"
+                " no answer is stored for it: use a new request_id"
+            )
+        age = (time.time() if now is None else now) - ts
+        if replay is None or not stored_hash or age > self.replay_window_s:
+            raise AlreadyExists(
+                f"request_id: '{request_id}' was already served at {served}; its stored answer expired"
+                f" (kept for {self.replay_window_s:.0f} s): use a new request_id"
+            )
+        result = msgspec.json.decode(str(replay), type=Result)
+        result.replayed = True
+        return result
+
+    def purge_replays(self, now: float | None = None) -> int:
+        """Drop the response texts older than the replay window (their rows stay); returns how many."""
+        cutoff = (time.time() if now is None else now) - self.replay_window_s
+        with self._lock:
+            self._last_purge = time.monotonic()
+            cur = self._conn.execute("UPDATE requests SET replay=NULL WHERE ts < ? AND replay IS NOT NULL", (cutoff,))
+        return int(cur.rowcount)
 
     def cloud_spend(self, tenant: str, since: float) -> float:
         """What `tenant` spent on requests answered by the cloud since `since` (the budget's measure)."""

@@ -30,6 +30,9 @@ class Metrics:
         self.decisions: defaultdict[tuple[str, str, str], int] = defaultdict(int)  # (route, reason, degraded)
 
     def observe(self, method: str, r: Result) -> None:
+        if r.replayed:  # a retry answered from the ledger: its tokens and cost were counted the first time
+            self.requests[(method, "replay", "OK")] += 1
+            return
         u = r.usage
         self.requests[(method, r.route, "OK")] += 1
         for kind, n in (

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import uuid
 from typing import Any
+
+import msgspec
 
 from appliance.engine import to_utf8
 from appliance.sampling import ExitMode, SamplingOptions
@@ -112,3 +115,9 @@ def normalize(
         max_cost=max_cost,
         context=tuple(passages),
     )
+
+
+def request_hash(req: Request) -> str:
+    """The normalized request without its ids: a retry under the same request_id must have the same."""
+    blob = msgspec.json.encode(msgspec.structs.replace(req, request_id="", tenant=""), order="sorted")
+    return hashlib.sha256(blob).hexdigest()[:32]

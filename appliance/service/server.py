@@ -50,6 +50,7 @@ def result_to_proto(r: Result) -> Any:
         session_id=r.session_id,
         degraded=r.degraded,
         route_reason=r.route_reason,
+        replayed=r.replayed,
         usage=pb.Usage(
             prompt_tokens=u.prompt_tokens,
             cached_tokens=u.cached_tokens,
@@ -133,7 +134,7 @@ class ApplianceServer:
         t0 = time.perf_counter()
         try:
             state = self.cfg.storage.path()
-            self.ledger = Ledger(state / "ledger.sqlite", self.cfg.pricing.cloud_model)
+            self.ledger = Ledger(state / "ledger.sqlite", self.cfg.pricing.cloud_model, self.cfg.ledger.replay_window_s)
             self.history = HistoryStore(state / "history.sqlite")
             backend = await asyncio.to_thread(self._load_backend)
             cache = await asyncio.to_thread(self._open_cache, backend.name)

@@ -64,6 +64,7 @@ class Result(msgspec.Struct, kw_only=True):
     usage: Usage
     session_id: str = ""
     degraded: bool = False  # the router wanted the cloud but could not have it: answered locally
+    replayed: bool = False  # the stored answer of an earlier request with this request_id (a retry)
     route_reason: str = ""  # policy, router, cascade, context_overflow, no_cloud, circuit_open, cloud_error, budget_*
 
 

@@ -151,6 +151,11 @@ class AsyncEngine:
     def max_seq_len(self) -> int:
         return int(self._native.max_seq_len)
 
+    @property
+    def block_size(self) -> int:
+        """Tokens per KV block: the prefix cache reuses whole blocks only."""
+        return int(self._stats["block_size"])
+
     def tokenize(self, text: str | bytes, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
         """parse_special=True reads control tokens written as text (<start_of_turn>, ...) as such."""
         return list(self.vocab.tokenize(to_utf8(text), add_special=add_special, parse_special=parse_special))

@@ -29,6 +29,7 @@ from appliance.service.history import HistoryStore, Session, StoredMessage
 from appliance.service.ledger import Ledger
 from appliance.service.local_backend import LocalBackend
 from appliance.service.normalize import normalize, request_hash
+from appliance.service.prefixes import HotPrefixes
 from appliance.service.served import Served
 from appliance.service.summarizer import Summarizer
 from appliance.service.types import Delta, Request, Result
@@ -48,6 +49,7 @@ class Pipeline:
         pricing: PricingConfig,
         cache: SemanticCacheStage | PassThroughCache | None = None,
         routing: Routing | None = None,
+        prefixes: HotPrefixes | None = None,
     ) -> None:
         self.backend = backend
         self.admission = admission
@@ -56,6 +58,7 @@ class Pipeline:
         self.model = model
         self.pricing = pricing
         self.cache = cache or PassThroughCache()
+        self.prefixes = prefixes  # counts local prompts' prefixes, to keep the hottest across restarts
         self.routing = routing or Routing(Config(pricing=pricing), None, None, Budget(ledger, pricing))
         summarizer = Summarizer(backend.generate, backend.tokenize, model.summary_max_tokens)
         self.context = ContextBuilder(backend.count_tokens, summarizer.fold, model.context_budget, model.keep_turns)
@@ -156,6 +159,8 @@ class Pipeline:
         """The local model's answer, streamed into `out` (which says "cancelled" until it finishes).
         `scored`: the engine scores each token for the cascade (out.scores)."""
         out.finish = "cancelled"
+        if self.prefixes is not None:
+            self.prefixes.note(req.tenant, tokens)
         options = msgspec.structs.replace(req.sampling, logprobs=True) if scored else req.sampling
         async with contextlib.aclosing(self.backend.generate(tokens, options, tenant=req.tenant)) as chunks:
             async for chunk in chunks:

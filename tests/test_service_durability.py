@@ -79,3 +79,39 @@ def test_kill9_under_load_keeps_every_acknowledged_request(tiny_model: Any, tmp_
         turns = sum(1 for rid in acked if rid.startswith(f"w{worker}-"))
         (n,) = history.execute("SELECT COUNT(*) FROM messages WHERE session_id=?", (f"s{worker}",)).fetchone()
         assert n >= 2 * turns
+
+
+def test_hot_prefixes_survive_a_restart(tiny_model: Any, tmp_path: Path) -> None:
+    """A system prompt several requests shared is saved at shutdown and loaded at start: after a
+    restart the first request with it is served from the prefix cache (cached_tokens), for its own
+    tenant only, and the log says what was saved and loaded."""
+    cfg = write_config(tmp_path / "appliance.toml", tiny_model("gemma3", n_ctx_train=8192), tcp=True)
+    system = "You are the help desk of a bank. Answer briefly and politely. " * 6
+    ask = {"max_tokens": 2, "temperature": 0, "cache_policy": 1}
+
+    def turn(c: Any, question: str) -> Any:
+        return c.generate(messages=[("system", system), ("user", question)], **ask)
+
+    srv = ServerProcess(cfg)
+    try:
+        with srv.client("acme") as c:
+            first = [turn(c, q) for q in ("Where is my card?", "How do I reset my PIN?", "Can I close my account?")]
+    finally:
+        assert srv.stop() == 0
+    assert first[0].usage.cached_tokens == 0 and first[1].usage.cached_tokens >= 64  # shared within the run
+    saved = list((tmp_path / "state" / "prefixes").glob("*.kv"))
+    assert len(saved) == 1 and "saved 1 hot prefix(es)" in (tmp_path / "server.log").read_text()
+
+    srv = ServerProcess(cfg)
+    try:
+        with srv.client("acme") as c:
+            after = turn(c, "What are your opening hours?")
+        with srv.client("globex") as c:
+            other = turn(c, "What are your opening hours?")
+    finally:
+        assert srv.stop() == 0
+    assert after.usage.cached_tokens >= first[1].usage.cached_tokens - 16
+    assert other.usage.cached_tokens == 0  # another tenant never reads acme's prefix
+    log = (tmp_path / "server.log").read_text()
+    assert "hot prefixes into the prefix cache" in log and "the hot prefixes saved before stay" in log
+    assert list((tmp_path / "state" / "prefixes").glob("*.kv")) == saved

@@ -15,6 +15,7 @@ from appliance.service.context import ContextBuilder, select_passages
 from appliance.service.errors import InvalidArgument, Overloaded, PermissionDenied, Unauthenticated, Unavailable
 from appliance.service.history import HistoryStore, Session, StoredMessage
 from appliance.service.ledger import Ledger, sum_totals
+from appliance.service.prefixes import HotPrefixes
 from appliance.service.types import ChatMessage, Passage, Result, RouteTaken, Usage
 
 
@@ -215,3 +216,20 @@ def test_ledger_and_history_roundtrip(tmp_path: Path) -> None:
     again = HistoryStore(tmp_path / "history.sqlite").load("acme", "s1")
     assert (again.system, again.summary, [m.content for m in again.messages]) == ("sys", "sum", ["hi", "yo"])
     assert HistoryStore(tmp_path / "history.sqlite").load("globex", "s1").messages == []
+
+
+def test_hot_prefixes_pick_the_longest_shared_block_runs() -> None:
+    hot = HotPrefixes(block_size=4, max_tokens=16, max_nodes=100)
+    system = list(range(100, 110))  # 10 tokens: 2 whole blocks
+    for q in ([1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12], [13, 14]):
+        hot.note("acme", system + q)
+    hot.note("globex", [*system, 1, 2, 3, 4, 5, 6])
+    hot.note("acme", [9] * 40)  # deeper than max_tokens: only 4 blocks counted
+    got = hot.hottest(4)
+    assert got[0].tenant == "acme" and got[0].count == 3 and list(got[0].tokens) == system[:8]
+    assert all(h.tenant == "acme" for h in got)  # globex's prompt was seen once: not hot
+    assert [h.count for h in hot.hottest(10, min_count=1) if h.tenant == "globex"] == [1]
+    full = HotPrefixes(block_size=4, max_nodes=2)
+    full.note("acme", list(range(40)))
+    full.note("acme", list(range(40)))
+    assert [len(h.tokens) for h in full.hottest(2)] == [8]  # the memory bound stops new nodes

@@ -87,9 +87,13 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # measures faster), "adaptive" (confident tokens leave early) or "off". Needs the model's
     # calibration (`appliance models calibrate-exit`); without one every request runs at full depth.
     early_exit: ExitMode = "lossless"
+    # prompt prefixes shared by several requests (system prompts) whose K/V is saved at shutdown and
+    # loaded at start, per tenant; 0: none
+    hot_prefixes: int = 8
 
     def __post_init__(self) -> None:
         _check(self.n_ctx >= 64, "n_ctx", "must be >= 64")
+        _check(0 <= self.hot_prefixes <= 64, "hot_prefixes", "must be in [0, 64]")
         _check(self.threads >= 0, "threads", "must be >= 0")
         _check(self.kv_cache_mb >= 1, "kv_cache_mb", "must be >= 1")
         _check(16 <= self.max_batched_tokens <= 8192, "max_batched_tokens", "must be in [16, 8192]")

@@ -31,6 +31,7 @@ from appliance.service.history import HistoryStore
 from appliance.service.ledger import Ledger, sum_totals
 from appliance.service.local_backend import LocalBackend
 from appliance.service.metrics import Metrics
+from appliance.service.prefixes import HotPrefixes, load_hot, save_hot
 from appliance.service.proto import SERVICE, pb2
 from appliance.service.types import Delta, Result
 
@@ -137,6 +138,10 @@ class ApplianceServer:
             self.ledger = Ledger(state / "ledger.sqlite", self.cfg.pricing.cloud_model, self.cfg.ledger.replay_window_s)
             self.history = HistoryStore(state / "history.sqlite")
             backend = await asyncio.to_thread(self._load_backend)
+            if self.cfg.model.hot_prefixes:
+                loaded = await asyncio.to_thread(load_hot, backend.engine, state / "prefixes")
+                if loaded:
+                    log.info("loaded %d tokens of saved hot prefixes into the prefix cache", loaded)
             cache = await asyncio.to_thread(self._open_cache, backend.name)
             routing = await asyncio.to_thread(self._routing, cache, self.ledger)
         except Exception as e:  # reported by every request and by health staying NOT_SERVING
@@ -153,6 +158,7 @@ class ApplianceServer:
             pricing=self.cfg.pricing,
             cache=cache,
             routing=routing,
+            prefixes=HotPrefixes(backend.engine.block_size) if self.cfg.model.hot_prefixes else None,
         )
         log.info("model %s loaded in %.1f s; serving", backend.name, time.perf_counter() - t0)
         if backend.default_exit(self.cfg.model.early_exit) is None and self.cfg.model.early_exit != "off":
@@ -193,6 +199,20 @@ class ApplianceServer:
         router = Router(model, embedder, self.cfg.route.threshold)
         return Routing(self.cfg, router, self.clouds, Budget(ledger, self.cfg.pricing))
 
+    def _save_hot_prefixes(self, pipeline: Pipeline) -> None:
+        if pipeline.prefixes is None:
+            return
+        hot = pipeline.prefixes.hottest(self.cfg.model.hot_prefixes)
+        if not hot:
+            log.info("no prompt prefix was shared this run; the hot prefixes saved before stay")
+            return
+        try:
+            saved = save_hot(pipeline.backend.engine, hot, self.cfg.storage.path() / "prefixes")
+        except OSError as e:
+            log.warning("hot prefixes not saved: %s", e)
+            return
+        log.info("saved %d hot prefix(es), %d tokens, for the next start", len(hot), saved)
+
     async def stop(self, drain_timeout: float | None = None) -> None:
         """Graceful: NOT_SERVING, refuse new requests, let in-flight ones finish within the timeout,
         then cancel what is left and close the databases."""
@@ -212,6 +232,7 @@ class ApplianceServer:
                 db.close()
         await self.clouds.aclose()
         if self.pipeline is not None:
+            await asyncio.to_thread(self._save_hot_prefixes, self.pipeline)
             self.pipeline.backend.close()
             self.pipeline.cache.close()
         if self.socket_path.exists():

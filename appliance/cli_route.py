@@ -49,6 +49,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     e.add_argument("--json", action="store_true", help="print JSON (with every decision)")
     e.set_defaults(func=run_eval)
 
+    c = rsub.add_parser(
+        "cascade-eval",
+        help="answer a text[,label] CSV with the local model: what the cascade's checks would escalate",
+        description="Answers each row with the local model as the service does (chat template, greedy, scored "
+        "tokens), checks the held-back answer every --check-every tokens and once whole with the config's [route] "
+        "thresholds, and reports the share of answers each check escalates (overall and per label) with every "
+        "answer's figures. For tuning [route] thresholds and cascade_window on your own questions.",
+    )
+    c.add_argument("--csv", type=Path, required=True, help="text[,label] rows")
+    c.add_argument("--config", "-c", type=Path, default=None, help="service TOML for [model] and [route]")
+    c.add_argument("--max-tokens", type=int, default=256, help="answer length limit (default 256)")
+    c.add_argument("--check-every", type=int, default=16, help="tokens between checks (the service's: 16)")
+    c.add_argument("--limit", type=int, default=0, help="only the first N rows (0: all)")
+    c.add_argument("--json", action="store_true", help="print JSON (with every answer's figures)")
+    c.set_defaults(func=run_cascade_eval)
+
 
 def _fail(msg: str) -> int:
     print(f"error: {msg}", file=sys.stderr)
@@ -157,5 +173,44 @@ def run_eval(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
     else:
         head = {k: v for k, v in report.items() if k != "decisions"}
+        print("\n".join(f"{k}: {v}" for k, v in head.items()))
+    return 0
+
+
+def run_cascade_eval(args: argparse.Namespace) -> int:
+    from appliance.manifest import ManifestError
+    from appliance.modelref import resolve_model
+    from appliance.route.cascade_eval import evaluate
+    from appliance.route.classifier import TrainingDataError, read_labelled
+    from appliance.service.config import ConfigError, load_config
+    from appliance.service.local_backend import LocalBackend
+
+    if args.max_tokens < 1 or args.check_every < 1 or args.limit < 0:
+        return _fail("--max-tokens and --check-every must be >= 1, --limit >= 0")
+    try:
+        cfg = load_config(args.config)
+        texts, labels = read_labelled(args.csv, require_labels=False)
+        if args.limit:
+            texts, labels = texts[: args.limit], labels[: args.limit]
+        m = cfg.model
+        backend = LocalBackend.load(resolve_model(m.path or None), m.n_ctx, m.threads, kv_cache_mb=m.kv_cache_mb)
+    except (TrainingDataError, ConfigError, ManifestError, LookupError, OSError, ValueError) as e:
+        return _fail(str(e))
+    try:
+        report = evaluate(
+            backend,
+            texts,
+            labels,
+            cfg.route,
+            max_tokens=args.max_tokens,
+            check_every=args.check_every,
+            progress=lambda i, n: print(f"\ranswered {i}/{n}", end="" if i < n else "\n", file=sys.stderr, flush=True),
+        )
+    finally:
+        backend.close()
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        head = {k: v for k, v in report.items() if k != "rows"}
         print("\n".join(f"{k}: {v}" for k, v in head.items()))
     return 0

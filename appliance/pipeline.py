@@ -35,6 +35,7 @@ from appliance.service.summarizer import Summarizer
 from appliance.service.types import Delta, Request, Result
 
 log = logging.getLogger("appliance.pipeline")
+CASCADE_CHECK_EVERY = 16  # tokens between the cascade's checks of a held-back local answer
 
 
 class Pipeline:
@@ -219,27 +220,34 @@ class Pipeline:
     async def _cascade(
         self, req: Request, built: Built, tokens: list[int], cloud: CloudBackend | None, out: Served, t0: float
     ) -> AsyncGenerator[Delta, None]:
-        """A local answer checked before it is sent. Its first `[route] cascade_window` tokens (all of
-        it when 0 or when it is shorter) are held back and assessed: a confident answer is sent and
-        streams on; an unsure one is cancelled and the cloud answers instead. Should the cloud then
-        fail, the local answer is generated in full and sent (degraded)."""
+        """A local answer checked before it is sent. It is held back and assessed every
+        CASCADE_CHECK_EVERY tokens as it grows: an unsure start is cancelled there (the local model
+        stops spending on it) and the cloud answers instead. A whole answer gets the full check
+        (truncation, emptiness too). With `[route] cascade_window` N > 0, an answer still confident
+        after N tokens is sent and streams on unchecked (sooner text, but a loop that starts later
+        gets through). Should the cloud fail, the local answer is generated in full and sent (degraded)."""
         window = self.routing.cfg.route.cascade_window
         held: list[Delta] = []
-        checked = escalate = False
+        streaming = escalate = False
+        next_check = CASCADE_CHECK_EVERY
         async with contextlib.aclosing(self._local(req, tokens, out, t0, scored=True)) as local:
             async for delta in local:
-                if checked:
+                if streaming:
                     yield delta
                     continue
                 held.append(delta)
-                if window and out.usage.completion_tokens >= window and out.finish == "cancelled":
-                    checked = True
-                    escalate = await self._escalates(req, tokens, cloud, out, partial=True)
-                    if escalate:
-                        break  # closing the stream cancels the local generation
+                n = out.usage.completion_tokens
+                if out.finish != "cancelled" or not (n >= next_check or 0 < window <= n):
+                    continue  # finished (the full check follows), or no check due yet
+                next_check = n + CASCADE_CHECK_EVERY
+                escalate = await self._escalates(req, tokens, cloud, out, partial=True)
+                if escalate:
+                    break  # closing the stream cancels the local generation
+                if 0 < window <= n or out.routed.degraded:  # confident past the window, or no cloud to ask
+                    streaming = True
                     for d in held:
                         yield d
-        if not checked:
+        if not streaming and not escalate:
             escalate = await self._escalates(req, tokens, cloud, out, partial=False)
             if not escalate:
                 for d in held:

@@ -11,13 +11,14 @@ import random
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from appliance import cli_route
 from appliance.cache import GgufEmbedder
 from appliance.route.budget import Budget, month_start
-from appliance.route.cascade import assess, repetition
+from appliance.route.cascade import TokenScores, assess, repetition
 from appliance.route.classifier import RouterModel, TrainingDataError, read_labelled, shipped_csv, train
 from appliance.route.features import extract
 from appliance.route.router import Router
@@ -115,6 +116,19 @@ def test_cascade_confidence_signals() -> None:
         "The answer has three parts: first, the", "length", RouteConfig(escalate_truncated=False)
     ).escalate
     assert assess("  ", "stop", cfg).escalate
+    # token scores: an unsure answer escalates on its mean log-probability or entropy, a sure one not
+    sure, unsure = TokenScores(), TokenScores()
+    for _ in range(10):
+        sure.add(-0.2, 0.8)
+        unsure.add(-3.0, 5.0)
+    sure.add(None, None)  # unscored tokens do not count
+    ok = assess("The card arrives in a week.", "stop", cfg, sure)
+    assert not ok.escalate and ok.mean_logprob == pytest.approx(-0.2) and ok.mean_entropy == pytest.approx(0.8)
+    bad = assess("The card arrives in a week.", "stop", cfg, unsure)
+    assert bad.escalate and "mean logprob" in bad.why and "mean entropy" in bad.why
+    # the start of an answer: not empty, not truncated yet
+    start = assess("", "length", cfg, sure, partial=True)
+    assert not start.escalate and not start.truncated
 
 
 def test_budget_from_the_ledger(tmp_path: Path) -> None:
@@ -208,3 +222,22 @@ def test_cli_train_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     bad.write_text("words\nhello\n")
     rc, _, err = _cli(["router", "train", "--csv", str(bad), "--out", str(model)], capsys)
     assert rc == 2 and "needs a header with a 'text' column" in err
+
+
+def test_cli_cascade_eval_on_a_model(tiny_model: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The tiny random model's answers are unsure from the first check: every one would be cut at 16
+    tokens, and every whole answer escalates; per-label summaries and per-answer figures are there."""
+    rows = tmp_path / "q.csv"
+    rows.write_text("text,label\nWhere is my card?,local\nProve the theorem.,cloud\nHello there,local\n")
+    cfg = tmp_path / "appliance.toml"
+    cfg.write_text(f'[model]\npath = "{tiny_model("gemma3")}"\nthreads = 1\n')
+    argv = ["route", "cascade-eval", "--csv", str(rows), "-c", str(cfg), "--max-tokens", "32", "--json"]
+    rc, out, err = _cli(argv, capsys)
+    report = json.loads(out)
+    assert rc == 0 and report["answers"] == 3 and len(report["rows"]) == 3 and "answered 3/3" in err
+    assert report["escalated_by_tokens"] == {"16": 1.0, "32": 1.0} and report["escalated_whole"] == 1.0
+    assert "mean entropy" in report["whole_reasons"]
+    assert report["by_label"]["local"]["answers"] == 2 and report["by_label"]["cloud"]["answers"] == 1
+    assert all(r["cut_at"] == 16 and r["mean_entropy"] > 4.0 for r in report["rows"])
+    rc, _, err = _cli(["route", "cascade-eval", "--csv", str(rows), "-c", str(cfg), "--max-tokens", "0"], capsys)
+    assert rc == 2 and "--max-tokens" in err

@@ -97,18 +97,22 @@ def test_cascade_escalates_a_truncated_local_answer(served: ServerProcess) -> No
     assert _ledger(served, "casc-1")["route_reason"] == "cascade"
 
 
-def test_cascade_checks_a_window_then_streams_or_cuts_the_local_answer(
-    tiny_model: Any, llama_cloud: str, tmp_path: Path
-) -> None:
-    """[route] cascade_window = 4: the check runs on the first 4 tokens. With thresholds nothing fails,
-    the local answer is sent whole, as the same greedy answer local_only gives. With the defaults, the
-    tiny random model's unsure start is cut there: the escalated request pays for 4 local tokens, not
-    for a whole local answer (local tokens priced at 1 per token to see it)."""
-    window = "local_per_mtok = 1000000.0\n[route]\ncascade_window = 4\n"
+def test_cascade_checks_a_held_answer_as_it_grows(tiny_model: Any, llama_cloud: str, tmp_path: Path) -> None:
+    """The held-back local answer is checked every 16 tokens: the tiny random model's unsure start is
+    cut at 16 tokens (default, whole answers held) or at the 4-token `cascade_window`, and the
+    escalated request pays for those local tokens only, not for a whole local answer (local tokens
+    priced at 1 each to see it). With thresholds nothing fails, a 4-token window streams the local
+    answer on: the same greedy answer local_only gives, in pieces."""
+    price = "local_per_mtok = 1000000.0\n[route]\n"
     lenient = "min_mean_logprob = -1000.0\nmax_mean_entropy = 1000.0\nmax_repetition = 1.0\nmin_confidence = 0.0\n"
-    ask = {"messages": [("user", EASY)], "max_tokens": 24, "temperature": 0, "cache_policy": 1}
-    for extra, escalates in ((window + lenient + "escalate_truncated = false\n", False), (window, True)):
-        d = tmp_path / str(escalates)
+    ask = {"messages": [("user", EASY)], "max_tokens": 40, "temperature": 0, "cache_policy": 1}
+    cases = [
+        ("window-lenient", price + "cascade_window = 4\n" + lenient + "escalate_truncated = false\n", None),
+        ("window", price + "cascade_window = 4\n", 4),
+        ("held", price, 16),
+    ]
+    for name, extra, cut in cases:
+        d = tmp_path / name
         d.mkdir()
         srv = _server(d, tiny_model("gemma3"), llama_cloud, extra)
         try:
@@ -118,17 +122,17 @@ def test_cascade_checks_a_window_then_streams_or_cuts_the_local_answer(
         finally:
             assert srv.stop() == 0
         final = chunks[-1].final
-        assert alone.route == ROUTE_LOCAL and alone.usage.completion_tokens > 4
-        if not escalates:
+        assert alone.route == ROUTE_LOCAL and alone.usage.completion_tokens > 16, name
+        if cut is None:
             assert final.route == ROUTE_LOCAL and final.route_reason == "router"
             assert "".join(ch.delta for ch in chunks[:-1]) == final.text == alone.text
             assert len(chunks) > 2  # streamed in pieces, not one held-back block
         else:
-            assert final.route == ROUTE_CLOUD and final.route_reason == "cascade"
+            assert final.route == ROUTE_CLOUD and final.route_reason == "cascade", name
             u = final.usage
             cloud = (3.0 * (u.prompt_tokens - u.cached_tokens) + 15.0 * u.completion_tokens) / 1e6
             local_paid = u.cost - cloud
-            assert local_paid == pytest.approx(alone.usage.prompt_tokens + 4, abs=0.01)
+            assert local_paid == pytest.approx(alone.usage.prompt_tokens + cut, abs=0.01), name
 
 
 def test_monthly_budget_reached_answers_locally_and_says_so(served: ServerProcess) -> None:

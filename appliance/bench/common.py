@@ -27,9 +27,17 @@ def run_child(module: str, args: list[str]) -> Any:
 
 
 def write_service_config(
-    d: Path, model: str, threads: int, *, max_concurrent: int, cache: bool, extra: list[str]
+    d: Path,
+    model: str,
+    threads: int,
+    *,
+    max_concurrent: int,
+    cache: bool,
+    extra: list[str],
+    model_extra: tuple[str, ...] = (),
 ) -> Path:
-    """A config for a benchmark's `appliance serve` in folder `d` (socket, state, cache), plus `extra` lines."""
+    """A config for a benchmark's `appliance serve` in folder `d` (socket, state, cache), plus `extra` lines
+    (after the [cache] table) and `model_extra` lines in [model]."""
     lines = [
         "[server]",
         f'unix_socket = "{d / "s.sock"}"',
@@ -38,6 +46,7 @@ def write_service_config(
         "[model]",
         f'path = "{model}"',
         f"threads = {threads}",
+        *model_extra,
         "[storage]",
         f'dir = "{d / "state"}"',
         "[cache]",

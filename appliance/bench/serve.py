@@ -4,12 +4,15 @@ same requests through the batching engine directly, in this process.
 
 Each round: `c` clients each send their share of the requests one after another (greedy, 16 tokens,
 semantic cache off so every request runs the model). Same model, thread count and engine settings
-on both sides; the server and the direct engine never run at the same time.
+on both sides (early exit off on both); the server and the direct engine never run at the same time.
+CPU time per request is reported for the server process, the clients (this process) and the direct
+engine, since on a small machine the clients compete with the server for the same cores.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import subprocess
 import sys
@@ -43,6 +46,12 @@ def _summary(latencies: list[float], wall: float) -> dict[str, float]:
     }
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid`, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _direct(model: str, threads: int, c: int, prompts: list[str]) -> dict[str, float]:
     from appliance.async_engine import AsyncEngine
 
@@ -57,26 +66,28 @@ def _direct(model: str, threads: int, c: int, prompts: list[str]) -> dict[str, f
                 pass
             latencies.append(time.perf_counter() - t0)
 
-    async def main() -> float:
+    async def main() -> tuple[float, float]:
         await client(_prompts(1, -1))  # warm-up
         latencies.clear()
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         await asyncio.gather(*(client(prompts[i::c]) for i in range(c)))
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - cpu0
 
     try:
-        wall = asyncio.run(main())
+        wall, cpu = asyncio.run(main())
     finally:
         engine.close()
-    return _summary(latencies, wall)
+    return {**_summary(latencies, wall), "cpu_ms_per_req": round(cpu / len(prompts) * 1000, 1)}
 
 
 def _start_server(model: str, threads: int, d: Path) -> subprocess.Popen[str]:
-    cfg = write_service_config(d, model, threads, max_concurrent=16, cache=False, extra=[])
+    cfg = write_service_config(
+        d, model, threads, max_concurrent=16, cache=False, extra=[], model_extra=('early_exit = "off"',)
+    )
     return start_service(cfg, d / "s.sock", d / "server.log")
 
 
-def _service(target: str, c: int, prompts: list[str]) -> dict[str, float]:
+def _service(target: str, c: int, prompts: list[str], server_pid: int) -> dict[str, float]:
     from appliance.service.client import Client
 
     latencies: list[float] = []
@@ -90,10 +101,16 @@ def _service(target: str, c: int, prompts: list[str]) -> dict[str, float]:
 
     client(_prompts(1, -1))  # warm-up
     latencies.clear()
-    t0 = time.perf_counter()
+    t0, cpu0, server0 = time.perf_counter(), time.process_time(), _cpu_s(server_pid)
     with ThreadPoolExecutor(c) as pool:
         list(pool.map(client, [prompts[i::c] for i in range(c)]))
-    return _summary(latencies, time.perf_counter() - t0)
+    wall, cpu, server_cpu = time.perf_counter() - t0, time.process_time() - cpu0, _cpu_s(server_pid) - server0
+    n = len(prompts)
+    return {
+        **_summary(latencies, wall),
+        "cpu_ms_per_req": round(server_cpu / n * 1000, 1),
+        "client_cpu_ms_per_req": round(cpu / n * 1000, 1),
+    }
 
 
 def bench_serve(model: str, threads: int, concurrency: tuple[int, ...] = CONCURRENCY) -> dict[str, Any]:
@@ -108,7 +125,8 @@ def bench_serve(model: str, threads: int, concurrency: tuple[int, ...] = CONCURR
         proc = _start_server(model, threads, Path(tmp))
         try:
             for c in concurrency:
-                rows["service"].append(_service(f"unix:{Path(tmp) / 's.sock'}", c, _prompts(max(8, 4 * c), c)))
+                prompts = _prompts(max(8, 4 * c), c)
+                rows["service"].append(_service(f"unix:{Path(tmp) / 's.sock'}", c, prompts, proc.pid))
                 print(f"  c={c} service: {rows['service'][-1]}", file=sys.stderr, flush=True)
         finally:
             proc.terminate()
@@ -117,7 +135,8 @@ def bench_serve(model: str, threads: int, concurrency: tuple[int, ...] = CONCURR
         rows["engine"].append(_direct(model, threads, c, _prompts(max(8, 4 * c), c)))
         print(f"  c={c} engine: {rows['engine'][-1]}", file=sys.stderr, flush=True)
     for side in ("service", "engine"):
-        for key in ("rps", "p50_ms", "p99_ms"):
+        for key in ("rps", "p50_ms", "p99_ms", "cpu_ms_per_req"):
             res[f"{side}_{key}"] = [r[key] for r in rows[side]]
+    res["client_cpu_ms_per_req"] = [r["client_cpu_ms_per_req"] for r in rows["service"]]
     res["throughput_cost"] = [round(1 - s / e, 3) for s, e in zip(res["service_rps"], res["engine_rps"], strict=True)]
     return res

@@ -176,7 +176,7 @@ class RouteConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     escalate_truncated: bool = True  # an answer cut by max_tokens counts as low confidence
     min_mean_logprob: float = -2.0  # escalate when the answer's tokens average a lower log-probability
     max_mean_entropy: float = 4.0  # ... or a higher entropy (nats) of the distributions they came from
-    cascade_window: int = 32  # tokens held back and checked before a local answer streams; 0: all of it
+    cascade_window: int = 0  # > 0: a local answer still confident after this many tokens streams on; 0: held whole
 
     def __post_init__(self) -> None:
         for name in ("threshold", "min_confidence", "max_repetition"):

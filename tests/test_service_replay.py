@@ -121,23 +121,33 @@ def test_tenants_never_share_request_ids(server: ServerProcess) -> None:
     assert len(_rows(server, "rp-t", "acme")) == 1 and len(_rows(server, "rp-t", "globex")) == 1
 
 
-def test_retry_while_the_original_runs_is_aborted(server: ServerProcess) -> None:
+def test_retry_while_the_original_runs_is_aborted_and_after_a_cancel_runs_again(server: ServerProcess) -> None:
+    """A retry during the original is refused; once the cancelled original's row commits, a retry runs
+    the request again into the same row (attempts 2, the work of both attempts summed), and the next
+    retry replays that answer."""
+    ask = {"prompt": "hello", "max_tokens": 600, "temperature": 0, "request_id": "rp-f"}
     with server.client("acme") as c:
-        call = c.stream(prompt="hello", max_tokens=4000, temperature=0, request_id="rp-f")
+        call = c.stream(**ask)
         next(call)
         with pytest.raises(grpc.RpcError) as e:
-            c.generate(prompt="hello", max_tokens=4000, temperature=0, request_id="rp-f")
+            c.generate(**ask)
         assert _code(e) == grpc.StatusCode.ABORTED and "still being served" in _details(e)
         call.cancel()  # type: ignore[attr-defined]
         deadline = time.monotonic() + 10
-        while True:  # once the cancelled original's row commits: it has no stored answer
-            with pytest.raises(grpc.RpcError) as e:
-                c.generate(prompt="hello", max_tokens=4000, temperature=0, request_id="rp-f")
-            if _code(e) != grpc.StatusCode.ABORTED or time.monotonic() > deadline:
+        while True:  # until the cancelled original's row has committed
+            rows = _rows(server, "rp-f")
+            if (rows and rows[0]["finish_reason"] == "cancelled") or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
-    assert _code(e) == grpc.StatusCode.ALREADY_EXISTS and "cancelled" in _details(e)
-    assert _rows(server, "rp-f")[0]["finish_reason"] == "cancelled"
+        first = dict(rows[0])
+        again = c.generate(**ask)
+        replayed = c.generate(**ask)
+    assert first["finish_reason"] == "cancelled" and first["attempts"] == 1
+    assert not again.replayed and again.finish_reason in ("stop", "length") and again.text
+    row = _rows(server, "rp-f")
+    assert len(row) == 1 and row[0]["attempts"] == 2 and row[0]["finish_reason"] == again.finish_reason
+    assert row[0]["completion_tokens"] == first["completion_tokens"] + again.usage.completion_tokens
+    assert replayed.replayed and replayed.text == again.text
 
 
 # ---------------------------------------------------------------------- an old ledger, a short window

@@ -45,6 +45,7 @@ CREATE TABLE IF NOT EXISTS requests (
     route_reason TEXT NOT NULL DEFAULT '',
     request_hash TEXT NOT NULL DEFAULT '',
     replay TEXT,
+    attempts INTEGER NOT NULL DEFAULT 1,
     PRIMARY KEY (tenant, request_id)
 );
 CREATE INDEX IF NOT EXISTS requests_by_time ON requests (tenant, ts);
@@ -56,12 +57,28 @@ ADDED_COLUMNS = {
     "route_reason": "TEXT NOT NULL DEFAULT ''",
     "request_hash": "TEXT NOT NULL DEFAULT ''",
     "replay": "TEXT",
+    "attempts": "INTEGER NOT NULL DEFAULT 1",
 }
 COLUMNS = (
     "tenant request_id ts session_id route model cloud_model finish_reason prompt_tokens cached_tokens"
     " completion_tokens summary_saved_tokens early_exit_tokens latency_ms cost counterfactual_cost"
     " cache_write_tokens degraded route_reason request_hash replay"
 ).split()
+# a retry after an attempt that ended cancelled or failed runs again, into the same row: the work of
+# every attempt is summed (it was all spent), the rest describes the last attempt
+SUMMED = (
+    "prompt_tokens cached_tokens completion_tokens summary_saved_tokens early_exit_tokens cost cache_write_tokens"
+).split()
+_UPSERT = (
+    f"INSERT INTO requests ({','.join(COLUMNS)}) VALUES ({','.join('?' * len(COLUMNS))})"
+    " ON CONFLICT(tenant, request_id) DO UPDATE SET attempts = attempts + 1, "
+    + ", ".join(
+        f"{c} = {c} + excluded.{c}" if c in SUMMED else f"{c} = excluded.{c}"
+        for c in COLUMNS
+        if c not in ("tenant", "request_id")
+    )
+    + " WHERE requests.finish_reason NOT IN ('stop', 'length')"
+)
 REPLAYABLE = ("stop", "length")  # a cancelled or failed request's partial answer is not kept for retries
 _PURGE_EVERY_S = 300.0
 
@@ -105,8 +122,8 @@ class Ledger:
         if time.monotonic() - self._last_purge > _PURGE_EVERY_S:
             self.purge_replays()
         with self._lock:
-            self._conn.execute(
-                f"INSERT INTO requests ({','.join(COLUMNS)}) VALUES ({','.join('?' * len(COLUMNS))})",
+            cur = self._conn.execute(
+                _UPSERT,
                 (
                     tenant,
                     result.request_id,
@@ -131,6 +148,8 @@ class Ledger:
                     replay,
                 ),
             )  # autocommit: durable (synchronous=FULL) when this returns
+            if cur.rowcount != 1:  # a finished row is never overwritten (the replay check runs first)
+                raise AlreadyExists(f"request_id: '{result.request_id}' was already served for this tenant")
 
     async def record(self, tenant: str, result: Result, request_hash: str = "") -> None:
         """Commit the row (with what a retry needs to replay it); returns once it is durable. Shielded:
@@ -146,8 +165,9 @@ class Ledger:
 
     def replay(self, tenant: str, request_id: str, request_hash: str, now: float | None = None) -> Result | None:
         """The stored response of `tenant`'s request `request_id` (marked replayed), or None when the
-        request_id is new. Raises InvalidArgument when the stored request differs from this one, and
-        AlreadyExists when it was served but its answer cannot be replayed (expired, not kept)."""
+        request_id is new or its last attempt ended cancelled or failed (then it runs again). Raises
+        InvalidArgument when the stored request differs from this one, and AlreadyExists when it was
+        served but its answer cannot be replayed (expired, or served before answers were stored)."""
         with self._lock:
             row = self._conn.execute(
                 "SELECT ts, request_hash, replay, finish_reason FROM requests WHERE tenant=? AND request_id=?",
@@ -164,10 +184,7 @@ class Ledger:
             )
         served = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
         if finish not in REPLAYABLE:
-            raise AlreadyExists(
-                f"request_id: '{request_id}' was already served at {served} and ended '{finish}';"
-                " no answer is stored for it: use a new request_id"
-            )
+            return None  # the last attempt was cancelled or failed: this retry runs it again
         age = (time.time() if now is None else now) - ts
         if replay is None or not stored_hash or age > self.replay_window_s:
             raise AlreadyExists(

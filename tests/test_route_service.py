@@ -236,3 +236,50 @@ def test_cloud_breaking_off_mid_answer(tiny_model: Any, tmp_path: Path) -> None:
     finally:
         assert srv.stop() == 0
         cloud.close()
+
+
+def test_deadline_while_the_cascade_holds_the_answer_frees_the_kv(
+    default_model: Path, llama_cloud: str, tmp_path: Path
+) -> None:
+    """A client whose deadline passes while its local answer is held back for the cascade's check
+    (the default model, slow enough to be caught mid-answer): the local generation is cancelled at
+    once (KV blocks free, no sequence running), the ledger says cancelled, and the server goes on."""
+    import time
+    import urllib.request
+
+    metrics = f"127.0.0.1:{free_port()}"
+    cfg = write_config(tmp_path / "appliance.toml", default_model, n_ctx=4096, server={"metrics": metrics})
+    lenient = "min_mean_logprob = -1000.0\nmax_mean_entropy = 1000.0\nmax_repetition = 1.0\nmin_confidence = 0.0\n"
+    cfg.write_text(
+        cfg.read_text()
+        + f'[cloud]\nprovider = "openai"\nbase_url = "{llama_cloud}"\nmodel = "cloud-gemma"\n'
+        + "[route]\n"
+        + lenient
+    )
+
+    def metric(name: str) -> float:
+        body = urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5).read().decode()
+        return float(next(line.split()[-1] for line in body.splitlines() if line.startswith(name + " ")))
+
+    srv = ServerProcess(cfg)
+    try:
+        total = metric("appliance_kv_blocks_total")
+        with srv.client("acme") as c:
+            with pytest.raises(Exception) as e:
+                list(
+                    c.stream(
+                        messages=[("user", EASY)], max_tokens=2000, temperature=0, request_id="held-1", timeout=1.0
+                    )
+                )
+            assert "DEADLINE_EXCEEDED" in str(e.value)
+            deadline = time.monotonic() + 10
+            while metric("appliance_kv_blocks_free") < total and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert metric("appliance_kv_blocks_free") == total
+            assert metric("appliance_engine_sequences_running") == 0
+            after = c.generate(messages=[("user", EASY)], max_tokens=4, temperature=0, route_policy=LOCAL_ONLY)
+        assert after.route == ROUTE_LOCAL and after.text
+        row = _ledger(srv, "held-1")
+        assert row["finish_reason"] == "cancelled" and row["route"] == "local"
+    finally:
+        assert srv.stop() == 0

@@ -5,7 +5,9 @@
 #include <algorithm>
 #include <cassert>
 #include <cmath>
+#include <cstring>
 #include <unordered_set>
+#include <vector>
 
 namespace appliance {
 
@@ -26,20 +28,70 @@ std::pair<float, int32_t> top_prob(const float * logits, int32_t n) {
     return {static_cast<float>(1.0 / sum), best};
 }
 
+namespace {
+
+// e^x for x in [-87, 0], branch-free so the compiler vectorizes the loop that calls it: 2^(x log2 e)
+// split into a rounded integer n and a fraction f in [-0.5, 0.5]; 2^f by its Taylor series to the
+// 7th power (relative error about 5e-9), 2^n put in the exponent bits.
+inline float exp_nonpos(float x) {
+    const float t = x * 1.44269504089f;
+    const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (|t| < 2^22)
+    const float f = (t - n) * 0.69314718056f;         // (t - n) ln 2, in [-0.35, 0.35]
+    float p = 1.0f / 5040.0f;
+    p = p * f + 1.0f / 720.0f;
+    p = p * f + 1.0f / 120.0f;
+    p = p * f + 1.0f / 24.0f;
+    p = p * f + 1.0f / 6.0f;
+    p = p * f + 0.5f;
+    p = p * f + 1.0f;
+    p = p * f + 1.0f;
+    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+}  // namespace
+
 TokenScore score_token(const float * logits, int32_t n, int32_t idx) {
     assert(n > 0 && idx >= 0 && idx < n);
-    float mx = logits[0];
-    for (int32_t i = 1; i < n; ++i) mx = std::max(mx, logits[i]);
-    // sum e^(l - mx) and sum e^(l - mx) (l - mx): log Z and E[l] without a second exp pass
-    float z = 0.0f, zl = 0.0f;
-    for (int32_t i = 0; i < n; ++i) {
-        const float d = logits[i] - mx;
-        const float e = std::exp(d);
-        z += e;
-        zl += e > 0.0f ? e * d : 0.0f;  // -inf logits (impossible tokens) add nothing
+    // every loop below is branch-free over 8 independent lanes, so the compiler vectorizes it
+    constexpr int32_t kLanes = 8;
+    const int32_t     n8     = n / kLanes * kLanes;
+    float             lane[kLanes];
+    for (int32_t k = 0; k < kLanes; ++k) lane[k] = logits[0];
+    for (int32_t i = 0; i < n8; i += kLanes) {
+        for (int32_t k = 0; k < kLanes; ++k) lane[k] = logits[i + k] > lane[k] ? logits[i + k] : lane[k];
     }
-    const float log_z = std::log(z);
-    return TokenScore{logits[idx] - mx - log_z, log_z - zl / z};
+    float mx = logits[0];
+    for (int32_t k = 0; k < kLanes; ++k) mx = std::max(mx, lane[k]);
+    for (int32_t i = n8; i < n; ++i) mx = std::max(mx, logits[i]);
+    // e^d and e^d d for d = l - mx, clamped at -87 (-inf logits, impossible tokens, add ~1e-38 each);
+    // log Z and E[d] from their sums
+    float z[kLanes] = {}, zl[kLanes] = {};
+    for (int32_t i = 0; i < n8; i += kLanes) {
+        for (int32_t k = 0; k < kLanes; ++k) {
+            const float r = logits[i + k] - mx;
+            const float d = r > -87.0f ? r : -87.0f;
+            const float e = exp_nonpos(d);
+            z[k] += e;
+            zl[k] += e * d;
+        }
+    }
+    for (int32_t i = n8; i < n; ++i) {
+        const float r = logits[i] - mx;
+        const float d = r > -87.0f ? r : -87.0f;
+        const float e = exp_nonpos(d);
+        z[0] += e;
+        zl[0] += e * d;
+    }
+    float zs = 0.0f, zls = 0.0f;
+    for (int32_t k = 0; k < kLanes; ++k) {
+        zs += z[k];
+        zls += zl[k];
+    }
+    const float log_z = std::log(zs);
+    return TokenScore{logits[idx] - mx - log_z, log_z - zls / zs};
 }
 
 Sampler::Sampler(const SamplingParams & p, int32_t n_vocab) : params_(p), n_vocab_(n_vocab), rng_(p.seed) {

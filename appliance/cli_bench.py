@@ -62,6 +62,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "same requests through the batching engine in-process, at 1, 4, 8 and 16 concurrent clients.",
     )
     s.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
+    s.add_argument("--repeats", type=int, default=3, help="service/engine round pairs per concurrency (median)")
     s.set_defaults(func=_runner(_serve))
 
     c = _add(
@@ -193,7 +194,7 @@ def _prefix(model: str, threads: int, a: argparse.Namespace) -> dict[str, Any]:
 def _serve(model: str, threads: int, a: argparse.Namespace) -> dict[str, Any]:
     from appliance.bench.serve import bench_serve
 
-    return bench_serve(model, threads, tuple(a.concurrency))
+    return bench_serve(model, threads, tuple(a.concurrency), max(1, a.repeats))
 
 
 def _early_exit(model: str, threads: int, a: argparse.Namespace) -> dict[str, Any]:

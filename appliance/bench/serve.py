@@ -29,7 +29,7 @@ CONCURRENCY = (1, 4, 8, 16)
 MAX_TOKENS = 16
 
 
-def _prompts(n: int, round_id: int) -> list[str]:
+def _prompts(n: int, round_id: int | str) -> list[str]:
     """Distinct prompts whose first tokens differ, so no round reuses another's cached prefix blocks."""
     topics = ["my card", "a transfer", "the app", "my pin", "a refund", "my account", "exchange rates", "fees"]
     return [
@@ -113,30 +113,43 @@ def _service(target: str, c: int, prompts: list[str], server_pid: int) -> dict[s
     }
 
 
-def bench_serve(model: str, threads: int, concurrency: tuple[int, ...] = CONCURRENCY) -> dict[str, Any]:
+def bench_serve(
+    model: str, threads: int, concurrency: tuple[int, ...] = CONCURRENCY, repeats: int = 3
+) -> dict[str, Any]:
+    """At each concurrency, `repeats` pairs of rounds, service then engine, back to back (so slow drift
+    of the machine hits both sides alike); figures are the medians over the repeats, and the cost of
+    each pair is listed too. Every round has prompts of its own (no prefix-cache reuse across rounds)."""
     res: dict[str, Any] = {
         "model": model,
         "threads": threads,
         "max_tokens": MAX_TOKENS,
         "concurrency": list(concurrency),
+        "repeats": repeats,
     }
     rows: dict[str, list[dict[str, float]]] = {"service": [], "engine": []}
+    pair_costs: list[list[float]] = []
     with tempfile.TemporaryDirectory(prefix="appliance-bench-serve-") as tmp:
         proc = _start_server(model, threads, Path(tmp))
         try:
             for c in concurrency:
-                prompts = _prompts(max(8, 4 * c), c)
-                rows["service"].append(_service(f"unix:{Path(tmp) / 's.sock'}", c, prompts, proc.pid))
-                print(f"  c={c} service: {rows['service'][-1]}", file=sys.stderr, flush=True)
+                runs: dict[str, list[dict[str, float]]] = {"service": [], "engine": []}
+                for rep in range(repeats):
+                    prompts = _prompts(max(8, 4 * c), f"{c}.{rep}")
+                    runs["service"].append(_service(f"unix:{Path(tmp) / 's.sock'}", c, prompts, proc.pid))
+                    runs["engine"].append(_direct(model, threads, c, prompts))
+                    print(f"  c={c} #{rep}: service {runs['service'][-1]} engine {runs['engine'][-1]}", file=sys.stderr)
+                for side in ("service", "engine"):
+                    rows[side].append({k: statistics.median(r[k] for r in runs[side]) for k in runs[side][0]})
+                pair_costs.append(
+                    [round(1 - s["rps"] / e["rps"], 3) for s, e in zip(runs["service"], runs["engine"], strict=True)]
+                )
         finally:
             proc.terminate()
             proc.wait(60)
-    for c in concurrency:
-        rows["engine"].append(_direct(model, threads, c, _prompts(max(8, 4 * c), c)))
-        print(f"  c={c} engine: {rows['engine'][-1]}", file=sys.stderr, flush=True)
     for side in ("service", "engine"):
         for key in ("rps", "p50_ms", "p99_ms", "cpu_ms_per_req"):
             res[f"{side}_{key}"] = [r[key] for r in rows[side]]
     res["client_cpu_ms_per_req"] = [r["client_cpu_ms_per_req"] for r in rows["service"]]
     res["throughput_cost"] = [round(1 - s / e, 3) for s, e in zip(res["service_rps"], res["engine_rps"], strict=True)]
+    res["throughput_cost_per_pair"] = pair_costs
     return res

@@ -60,7 +60,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     c.add_argument("--csv", type=Path, required=True, help="text[,label] rows")
     c.add_argument("--config", "-c", type=Path, default=None, help="service TOML for [model] and [route]")
     c.add_argument("--max-tokens", type=int, default=256, help="answer length limit (default 256)")
-    c.add_argument("--check-every", type=int, default=16, help="tokens between checks (the service's: 16)")
+    c.add_argument("--check-every", type=int, default=None, help="tokens between checks (default: the service's, 16)")
     c.add_argument("--limit", type=int, default=0, help="only the first N rows (0: all)")
     c.add_argument("--json", action="store_true", help="print JSON (with every answer's figures)")
     c.set_defaults(func=run_cascade_eval)
@@ -180,12 +180,13 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_cascade_eval(args: argparse.Namespace) -> int:
     from appliance.manifest import ManifestError
     from appliance.modelref import resolve_model
+    from appliance.route.cascade import CHECK_EVERY
     from appliance.route.cascade_eval import evaluate
     from appliance.route.classifier import TrainingDataError, read_labelled
     from appliance.service.config import ConfigError, load_config
     from appliance.service.local_backend import LocalBackend
 
-    if args.max_tokens < 1 or args.check_every < 1 or args.limit < 0:
+    if args.max_tokens < 1 or (args.check_every is not None and args.check_every < 1) or args.limit < 0:
         return _fail("--max-tokens and --check-every must be >= 1, --limit >= 0")
     try:
         cfg = load_config(args.config)
@@ -203,7 +204,7 @@ def run_cascade_eval(args: argparse.Namespace) -> int:
             labels,
             cfg.route,
             max_tokens=args.max_tokens,
-            check_every=args.check_every,
+            check_every=args.check_every or CHECK_EVERY,
             progress=lambda i, n: print(f"\ranswered {i}/{n}", end="" if i < n else "\n", file=sys.stderr, flush=True),
         )
     finally:

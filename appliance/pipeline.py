@@ -18,7 +18,7 @@ import msgspec
 from appliance.cloud.client import CloudBackend
 from appliance.cloud.types import CloudError, Reply
 from appliance.route.budget import Budget
-from appliance.route.cascade import assess
+from appliance.route.cascade import CHECK_EVERY, assess
 from appliance.route.stage import Routed, Routing
 from appliance.service.admission import Admission, Lane
 from appliance.service.cache_stage import PassThroughCache, SemanticCacheStage
@@ -35,7 +35,6 @@ from appliance.service.summarizer import Summarizer
 from appliance.service.types import Delta, Request, Result
 
 log = logging.getLogger("appliance.pipeline")
-CASCADE_CHECK_EVERY = 16  # tokens between the cascade's checks of a held-back local answer
 
 
 class Pipeline:
@@ -221,7 +220,7 @@ class Pipeline:
         self, req: Request, built: Built, tokens: list[int], cloud: CloudBackend | None, out: Served, t0: float
     ) -> AsyncGenerator[Delta, None]:
         """A local answer checked before it is sent. It is held back and assessed every
-        CASCADE_CHECK_EVERY tokens as it grows: an unsure start is cancelled there (the local model
+        CHECK_EVERY tokens as it grows: an unsure start is cancelled there (the local model
         stops spending on it) and the cloud answers instead. A whole answer gets the full check
         (truncation, emptiness too). With `[route] cascade_window` N > 0, an answer still confident
         after N tokens is sent and streams on unchecked (sooner text, but a loop that starts later
@@ -229,7 +228,7 @@ class Pipeline:
         window = self.routing.cfg.route.cascade_window
         held: list[Delta] = []
         streaming = escalate = False
-        next_check = CASCADE_CHECK_EVERY
+        next_check = CHECK_EVERY
         async with contextlib.aclosing(self._local(req, tokens, out, t0, scored=True)) as local:
             async for delta in local:
                 if streaming:
@@ -239,7 +238,7 @@ class Pipeline:
                 n = out.usage.completion_tokens
                 if out.finish != "cancelled" or not (n >= next_check or 0 < window <= n):
                     continue  # finished (the full check follows), or no check due yet
-                next_check = n + CASCADE_CHECK_EVERY
+                next_check = n + CHECK_EVERY
                 escalate = await self._escalates(req, tokens, cloud, out, partial=True)
                 if escalate:
                     break  # closing the stream cancels the local generation

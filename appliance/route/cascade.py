@@ -17,6 +17,7 @@ import msgspec
 from appliance.service.config import RouteConfig
 
 _WORD = re.compile(r"\w+", re.U)
+CHECK_EVERY = 16  # tokens between the checks of a held-back local answer (the service and cascade-eval)
 
 
 class Confidence(msgspec.Struct, frozen=True, kw_only=True):

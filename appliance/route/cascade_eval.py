@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from appliance.route.cascade import TokenScores, assess
+from appliance.route.cascade import CHECK_EVERY, TokenScores, assess
 from appliance.sampling import SamplingOptions
 from appliance.service.config import RouteConfig
 from appliance.service.local_backend import LocalBackend
@@ -25,13 +25,15 @@ async def _answer(
     scores, parts, n, finish = TokenScores(), [], 0, ""
     first_cut: int | None = None
     first_why = ""
+    next_check = check_every
     async for chunk in backend.generate(tokens, opts, tenant="cascade-eval"):
         if chunk.token is not None:
             n += 1
             scores.add(chunk.logprob, chunk.entropy)
         parts.append(chunk.text)
         finish = chunk.finish_reason or finish
-        if first_cut is None and not finish and n % check_every == 0 and chunk.token is not None:
+        if first_cut is None and not finish and n >= next_check:  # as the service checks a held answer
+            next_check = n + check_every
             conf = assess("".join(parts), "", cfg, scores, partial=True)
             if conf.escalate:
                 first_cut, first_why = n, conf.why
@@ -75,7 +77,7 @@ def evaluate(
     cfg: RouteConfig,
     *,
     max_tokens: int = 256,
-    check_every: int = 16,
+    check_every: int = CHECK_EVERY,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Answer each text locally (one at a time) and report what the cascade would do, overall and per

@@ -156,13 +156,6 @@ class Ledger:
         a cancelled caller still gets its row."""
         await asyncio.shield(asyncio.to_thread(self._insert, tenant, result, time.time(), request_hash))
 
-    def exists(self, tenant: str, request_id: str) -> bool:
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT 1 FROM requests WHERE tenant=? AND request_id=?", (tenant, request_id)
-            ).fetchone()
-        return row is not None
-
     def replay(self, tenant: str, request_id: str, request_hash: str, now: float | None = None) -> Result | None:
         """The stored response of `tenant`'s request `request_id` (marked replayed), or None when the
         request_id is new or its last attempt ended cancelled or failed (then it runs again). Raises

@@ -112,6 +112,7 @@ class BatchEngine:
         *,
         kv_cache_mb: int = 256,
         n_blocks: int = 0,
+        n_blocks_swa: int = 0,
         block_size: int = 16,
         max_batched_tokens: int = 512,
         max_seqs: int = 16,
@@ -123,6 +124,7 @@ class BatchEngine:
         draft_exit_layer: int = 0,
         draft_max: int = 8,
         always_draft: bool = False,
+        gather_kv: str = "auto",
     ) -> None: ...
     def submit(
         self,

@@ -63,6 +63,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     s.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     s.add_argument("--repeats", type=int, default=3, help="service/engine round pairs per concurrency (median)")
+    s.add_argument(
+        "--per-client", type=int, default=4, help="requests each client sends per round (default 4; at least 8 a round)"
+    )
     s.set_defaults(func=_runner(_serve))
 
     c = _add(
@@ -194,7 +197,7 @@ def _prefix(model: str, threads: int, a: argparse.Namespace) -> dict[str, Any]:
 def _serve(model: str, threads: int, a: argparse.Namespace) -> dict[str, Any]:
     from appliance.bench.serve import bench_serve
 
-    return bench_serve(model, threads, tuple(a.concurrency), max(1, a.repeats))
+    return bench_serve(model, threads, tuple(a.concurrency), max(1, a.repeats), max(1, a.per_client))
 
 
 def _early_exit(model: str, threads: int, a: argparse.Namespace) -> dict[str, Any]:

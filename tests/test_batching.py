@@ -43,6 +43,20 @@ def run_all(engine: _native.BatchEngine, prompts: list[list[int]], n: int, **kw:
     return {k: out[i] for k, i in enumerate(ids)}
 
 
+def run_one(engine: _native.BatchEngine, prompt: list[int], n: int, tenant: str = "") -> tuple[list[int], int]:
+    """One request alone: its tokens and the prompt tokens the prefix cache served."""
+    rid = engine.submit(prompt, max_tokens=n, temperature=0.0, stop_at_eog=False, tenant=tenant)
+    out: list[int] = []
+    cached = -1
+    while not engine.idle:
+        for ev in engine.step():
+            assert ev.id == rid
+            out += ev.tokens
+            cached = ev.n_prompt_cached
+    assert engine.check_invariants() == ""
+    return out, cached
+
+
 def test_batch_of_8_matches_each_alone(default_model: Path) -> None:
     model = _native.Model(str(default_model))
     vocab = _native.Vocab(str(default_model))
@@ -99,14 +113,7 @@ def test_prefix_hit_matches_cold_run(tiny_model: Callable[..., Path]) -> None:
     prompt = list(_native.Vocab(str(path)).tokenize("the quick brown fox jumps over the lazy dog " * 6))
     assert len(prompt) > 48
     cold = run_all(engine, [prompt], 16)[0]
-    rid = engine.submit(prompt, max_tokens=16, temperature=0.0, stop_at_eog=False)
-    warm: list[int] = []
-    cached = 0
-    while not engine.idle:
-        for ev in engine.step():
-            assert ev.id == rid
-            warm += ev.tokens
-            cached = ev.n_prompt_cached
+    warm, cached = run_one(engine, prompt, 16)
     assert cached >= (len(prompt) - 1) // 16 * 16 - 16 and cached > 0
     assert warm == cold
     assert engine.stats()["prefix_hits"] > 0
@@ -145,10 +152,21 @@ def test_tiny_pool_preempts_and_finishes_everything(tiny_model: Callable[..., Pa
     assert stats["n_free_blocks"] == stats["n_blocks"]
 
 
-def test_random_arrivals_cancels_keep_pool_invariants(tiny_model: Callable[..., Path]) -> None:
-    path = tiny_model("qwen3", "Q4_0")
+@pytest.mark.parametrize(("arch", "wtype", "n_blocks_swa"), [("qwen3", "Q4_0", 0), ("gemma3", "Q8_0", 9)])
+def test_random_arrivals_cancels_keep_pool_invariants(
+    tiny_model: Callable[..., Path], arch: str, wtype: str, n_blocks_swa: int
+) -> None:
+    """Both pools for gemma3: its windowed pool of 9 blocks is the tighter one."""
+    path = tiny_model(arch, wtype)
     vocab = _native.Vocab(str(path))
-    engine = _native.BatchEngine(_native.Model(str(path)), n_blocks=24, block_size=8, max_seqs=5, max_batched_tokens=64)
+    engine = _native.BatchEngine(
+        _native.Model(str(path)),
+        n_blocks=24,
+        n_blocks_swa=n_blocks_swa,
+        block_size=8,
+        max_seqs=5,
+        max_batched_tokens=64,
+    )
     rng = random.Random(1234)
     words = "the quick brown fox jumps over a lazy dog while some people hold on to their hats".split()
     live: set[int] = set()
@@ -177,6 +195,7 @@ def test_random_arrivals_cancels_keep_pool_invariants(tiny_model: Callable[..., 
     stats = engine.stats()
     assert finished > 10
     assert stats["n_free_blocks"] == stats["n_blocks"], "pool must be full again when idle"
+    assert stats["n_free_blocks_swa"] == stats["n_blocks_swa"] == n_blocks_swa
 
 
 def test_requests_that_cannot_fit(tiny_model: Callable[..., Path]) -> None:
@@ -335,3 +354,84 @@ def test_engine_thread_survives_callers_whose_loop_closed(tiny_model: Callable[.
         assert engine.stats()["n_running"] == 0
     finally:
         engine.close()
+
+
+def test_sliding_window_layers_keep_only_the_window(tiny_model: Callable[..., Path]) -> None:
+    """Gemma 3's windowed layers hold blocks only for the positions the next token can still see: a
+    sequence five times longer than their whole pool decodes exactly as a context keeping every cell."""
+    path = tiny_model("gemma3", "F32")  # window 8: layer 0 windowed, layer 1 global
+    model = _native.Model(str(path))
+    assert model.n_swa == 8 and model.swa_layers == [True, False]
+    prompt = list(_native.Vocab(str(path)).tokenize("the quick brown fox jumps over the lazy dog " * 4))
+    # blocks of 4 cells: a window touches at most 3 of them; the windowed pool has 5 (20 cells)
+    engine = _native.BatchEngine(model, n_blocks=64, n_blocks_swa=5, block_size=4)
+    assert engine.stats()["n_blocks_swa"] == 5
+    rid = engine.submit(prompt, max_tokens=60, temperature=0.0, stop_at_eog=False)
+    out: list[int] = []
+    held_global = 0
+    while not engine.idle:
+        for ev in engine.step():
+            assert ev.id == rid and ev.finish_reason in ("", "length")
+            out += ev.tokens
+        stats = engine.stats()
+        held_global = max(held_global, stats["n_blocks"] - stats["n_free_blocks"])
+        assert engine.check_invariants() == ""
+    assert len(prompt) + len(out) >= 5 * 20
+    assert held_global == -(-(len(prompt) + 59) // 4)  # the global layers keep every position
+    stats = engine.stats()
+    assert stats["n_preemptions"] == 0 and stats["n_free_blocks_swa"] == 5
+    assert out == ours_greedy(_native.Context(model, n_ctx=256), prompt, 60)
+
+
+def test_prefix_hit_needs_the_windowed_blocks(tiny_model: Callable[..., Path]) -> None:
+    """A cached prefix is reused only as far as the windowed layers still hold the blocks a token after
+    it sees; once those are evicted the request recomputes, and its output is the same."""
+    path = tiny_model("gemma3", "F32")
+    vocab = _native.Vocab(str(path))
+    engine = _native.BatchEngine(_native.Model(str(path)), n_blocks=64, n_blocks_swa=4, block_size=8)
+    prompt = list(vocab.tokenize("the quick brown fox jumps over the lazy dog " * 3))
+
+    cold = run_all(engine, [prompt], 8)[0]
+    warm, cached = run_one(engine, prompt, 8)
+    assert cached > 0 and warm == cold  # the window's blocks were still cached
+    # other prompts take the 4 windowed blocks over; the global pool (64) still holds the prefix
+    for k in range(3):
+        run_all(engine, [list(vocab.tokenize(f"{k} unrelated words fill the small windowed pool now"))], 8)
+    again, cached = run_one(engine, prompt, 8)
+    assert cached == 0 and again == cold
+
+
+def test_default_model_kv_budget_buys_global_cells(default_model: Path) -> None:
+    """kv_cache_mb is split: the windowed layers get only what running windows need, the rest goes to
+    the global layers, so the same memory holds far longer contexts."""
+    model = _native.Model(str(default_model))
+    stats = _native.BatchEngine(model, kv_cache_mb=256, max_seqs=16).stats()
+    budget = 256 << 20
+    per_block = stats["block_size"] * stats["kv_bytes_per_token"]
+    per_block_swa = stats["block_size"] * stats["kv_bytes_per_token_swa"]
+    assert stats["n_blocks"] * per_block + stats["n_blocks_swa"] * per_block_swa <= budget
+    assert stats["kv_bytes"] <= budget + (1 << 20)
+    # 16 windows of 512 tokens (plus a block each and one pass of 512 tokens) fit the windowed pool
+    assert stats["n_blocks_swa"] * 16 >= 16 * (512 + 16) + 512
+    # without the split every position would cost all 18 layers
+    all_layers = budget // (per_block + per_block_swa) * stats["block_size"]
+    print(f"KV cells for global layers: {stats['n_blocks'] * 16} (one pool for all layers: {all_layers})")
+    assert stats["n_blocks"] * 16 > 2 * all_layers
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "qwen2"])
+def test_gathered_attention_matches_direct(tiny_model: Callable[..., Path], arch: str) -> None:
+    """Attention over the sequences' cells gathered into columns (what a long-running server's scattered
+    pool gets) decodes as attention over the pool's first cells, in both of gemma3's pools."""
+    path = tiny_model(arch, "F32")
+    vocab = _native.Vocab(str(path))
+    prompts = [list(vocab.tokenize(f"story {k}: the quick brown fox jumps over the lazy dog " * 2)) for k in range(6)]
+    outs = {}
+    for mode in ("never", "always"):
+        engine = _native.BatchEngine(
+            _native.Model(str(path)), n_blocks=48, n_blocks_swa=24, block_size=8, max_seqs=6, gather_kv=mode
+        )
+        outs[mode] = run_all(engine, prompts, 24)
+    assert outs["always"] == outs["never"]
+    with pytest.raises(ValueError, match="gather_kv"):
+        _native.BatchEngine(_native.Model(str(path)), n_blocks=8, gather_kv="sometimes")

@@ -47,6 +47,11 @@ def bench_prefix(model: str, threads: int, n_system: int = 1024, n_user: int = 1
         "cold_ttft_ms": round(cold_ms, 1),
         "warm_ttft_ms": round(warm_ms, 1),
         "ratio": round(warm_ms / cold_ms, 4),
+        # every cached position costs the global layers' K/V; sliding-window layers keep only windows
         "kv_bytes_per_token": stats["kv_bytes_per_token"],
+        "kv_bytes_per_token_swa": stats["kv_bytes_per_token_swa"],
+        "kv_cells": stats["n_blocks"] * stats["block_size"],
+        "kv_cells_swa": stats["n_blocks_swa"] * stats["block_size"],
+        "kv_bytes": stats["kv_bytes"],
         "prefix_hits": stats["prefix_hits"],
     }

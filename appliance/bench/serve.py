@@ -114,7 +114,7 @@ def _service(target: str, c: int, prompts: list[str], server_pid: int) -> dict[s
 
 
 def bench_serve(
-    model: str, threads: int, concurrency: tuple[int, ...] = CONCURRENCY, repeats: int = 3
+    model: str, threads: int, concurrency: tuple[int, ...] = CONCURRENCY, repeats: int = 3, per_client: int = 4
 ) -> dict[str, Any]:
     """At each concurrency, `repeats` pairs of rounds, service then engine, back to back (so slow drift
     of the machine hits both sides alike); figures are the medians over the repeats, and the cost of
@@ -125,6 +125,7 @@ def bench_serve(
         "max_tokens": MAX_TOKENS,
         "concurrency": list(concurrency),
         "repeats": repeats,
+        "per_client": per_client,
     }
     rows: dict[str, list[dict[str, float]]] = {"service": [], "engine": []}
     pair_costs: list[list[float]] = []
@@ -134,7 +135,7 @@ def bench_serve(
             for c in concurrency:
                 runs: dict[str, list[dict[str, float]]] = {"service": [], "engine": []}
                 for rep in range(repeats):
-                    prompts = _prompts(max(8, 4 * c), f"{c}.{rep}")
+                    prompts = _prompts(max(8, per_client * c), f"{c}.{rep}")
                     runs["service"].append(_service(f"unix:{Path(tmp) / 's.sock'}", c, prompts, proc.pid))
                     runs["engine"].append(_direct(model, threads, c, prompts))
                     print(f"  c={c} #{rep}: service {runs['service'][-1]} engine {runs['engine'][-1]}", file=sys.stderr)

@@ -7,14 +7,19 @@
 
 namespace appliance {
 
-// A sequence as the model runner sees it: its block table.
+// A sequence as the model runner sees it: its block tables.
 struct SeqView {
     const std::vector<int32_t> * blocks = nullptr;  // block ids, position p lives in blocks[p / block_size]
     uint32_t                     block_size = 0;
+    const std::vector<int32_t> * swa_blocks = nullptr;  // the same for sliding-window layers (their own pool)
 
     // precondition: p / block_size < blocks->size()
     int64_t cell(int32_t p) const {
         return static_cast<int64_t>((*blocks)[p / block_size]) * block_size + p % block_size;
+    }
+    // precondition: swa_blocks holds a block for p (p is inside the window of a token in the pass)
+    int64_t cell_swa(int32_t p) const {
+        return static_cast<int64_t>((*swa_blocks)[p / block_size]) * block_size + p % block_size;
     }
 };
 

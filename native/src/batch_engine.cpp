@@ -20,37 +20,70 @@ uint64_t fnv1a(const std::string & s) {
     return h;
 }
 
-size_t kv_bytes_per_token(const Model & m) {
-    return static_cast<size_t>(m.hp.n_layer) * (m.hp.n_embd_k_gqa() + m.hp.n_embd_v_gqa()) * sizeof(uint16_t);
+// K/V bytes per position of the layers with (swa) or without a sliding window
+size_t kv_bytes_per_token(const Model & m, bool swa) {
+    size_t n = 0;
+    for (uint32_t il = 0; il < m.hp.n_layer; ++il) {
+        n += m.hp.is_swa(il) == swa ? (m.hp.n_embd_k_gqa() + m.hp.n_embd_v_gqa()) * sizeof(uint16_t) : 0;
+    }
+    return n;
 }
 
 }  // namespace
 
-uint32_t BatchEngine::n_blocks_for(const Model & m, const BatchEngineParams & p) {
+BatchEngine::PoolSizes BatchEngine::pool_sizes(const Model & m, const BatchEngineParams & p) {
     APPL_REQUIRE(p.block_size > 0 && p.block_size <= 1024, InvalidArgument, "block_size must be in [1, 1024]");
     APPL_REQUIRE(p.kv_cache_mb > 0, InvalidArgument, "kv_cache_mb must be positive");
     APPL_REQUIRE(p.max_seqs > 0, InvalidArgument, "max_seqs must be positive");
     APPL_REQUIRE(p.max_batched_tokens > 0, InvalidArgument, "max_batched_tokens must be positive");
+    const bool swa = m.hp.has_swa();
+    PoolSizes  out;
     if (p.n_blocks > 0) {
         APPL_REQUIRE(p.n_blocks >= 2, InvalidArgument, "n_blocks must be at least 2");
-        return p.n_blocks;
+        APPL_REQUIRE(p.n_blocks_swa == 0 || p.n_blocks_swa >= 2, InvalidArgument, "n_blocks_swa must be at least 2");
+        out.n_blocks     = p.n_blocks;
+        out.n_blocks_swa = swa ? (p.n_blocks_swa > 0 ? std::min(p.n_blocks_swa, p.n_blocks) : p.n_blocks) : 0;
+        return out;
     }
-    const size_t per_block = kv_bytes_per_token(m) * p.block_size;
-    const size_t n         = (static_cast<size_t>(p.kv_cache_mb) << 20) / per_block;
-    APPL_REQUIRE(n >= 2, InvalidArgument, "kv_cache_mb=" + std::to_string(p.kv_cache_mb) + " holds fewer than 2 blocks");
-    return static_cast<uint32_t>(std::min<size_t>(n, 1u << 20));
+    const size_t bs     = p.block_size;
+    const size_t budget = static_cast<size_t>(p.kv_cache_mb) << 20;
+    const size_t g      = kv_bytes_per_token(m, false) * bs;  // bytes of a global block
+    const size_t w      = kv_bytes_per_token(m, true) * bs;   // bytes of a windowed block
+    const size_t equal  = budget / (g + w);                    // both pools alike
+    size_t       n_g = equal, n_w = swa ? equal : 0;
+    if (swa) {
+        // what the windowed pool needs at most: every running sequence's window (plus the block its
+        // next token opens), and one pass's worth of new tokens
+        const size_t window = (m.hp.n_swa + bs - 1) / bs + 1;
+        const size_t cap    = p.max_seqs * (window + 1) + (p.max_batched_tokens + bs - 1) / bs;
+        if (cap < equal) {
+            n_w = cap;
+            n_g = g > 0 ? (budget - cap * w) / g : equal;
+        }
+    }
+    APPL_REQUIRE(n_g >= 2 && (!swa || n_w >= 2), InvalidArgument,
+                 "kv_cache_mb=" + std::to_string(p.kv_cache_mb) + " holds fewer than 2 blocks");
+    out.n_blocks     = static_cast<uint32_t>(std::min<size_t>(n_g, 1u << 20));
+    out.n_blocks_swa = static_cast<uint32_t>(std::min<size_t>(n_w, out.n_blocks));
+    return out;
 }
 
 BatchEngine::BatchEngine(const Model & model, const BatchEngineParams & params)
     : model_(model),
       params_(params),
-      blocks_(n_blocks_for(model, params), params.block_size),
-      sched_(blocks_, SchedulerConfig{params.max_batched_tokens, params.max_seqs,
-                                      std::min(model.hp.n_ctx_train, blocks_.n_blocks() * params.block_size)}),
-      runner_(model, blocks_.n_blocks() * params.block_size, params.max_batched_tokens, params.n_threads),
+      pools_(pool_sizes(model, params)),
+      blocks_(pools_.n_blocks, params.block_size),
+      blocks_swa_(pools_.n_blocks_swa > 0 ? std::make_unique<BlockManager>(pools_.n_blocks_swa, params.block_size) : nullptr),
+      sched_(blocks_, blocks_swa_.get(),
+             SchedulerConfig{params.max_batched_tokens, params.max_seqs,
+                             std::min(model.hp.n_ctx_train, pools_.n_blocks * params.block_size),
+                             blocks_swa_ ? model.hp.n_swa : 0}),
+      runner_(model, pools_.n_blocks * params.block_size, pools_.n_blocks_swa * params.block_size,
+              params.max_batched_tokens, params.n_threads),
       eog_(params.eog_tokens.begin(), params.eog_tokens.end()),
       exits_per_layer_(model.hp.n_layer + 1, 0) {
     check_exit_params();
+    runner_.set_gather(params.gather_kv);
 }
 
 uint64_t BatchEngine::salt_for(const std::string & tenant) const {
@@ -114,7 +147,7 @@ void BatchEngine::finish(Sequence * s, const std::string & reason, std::vector<E
     seqs_.erase(s->id);
 }
 
-void BatchEngine::register_full_blocks(Sequence & s) {
+void BatchEngine::advanced(Sequence & s) {
     const uint32_t bs = blocks_.block_size();
     while ((s.block_hashes.size() + 1) * bs <= s.n_computed) {
         const size_t    i      = s.block_hashes.size();
@@ -122,8 +155,12 @@ void BatchEngine::register_full_blocks(Sequence & s) {
         const int32_t * toks   = s.tokens.data() + i * bs;
         const uint64_t  h      = BlockManager::hash_block(parent, toks, bs, s.salt);
         blocks_.register_full(s.blocks[i], h, toks);
+        if (blocks_swa_ && i < s.swa_blocks.size() && s.swa_blocks[i] >= 0) {
+            blocks_swa_->register_full(s.swa_blocks[i], h, toks);
+        }
         s.block_hashes.push_back(h);
     }
+    sched_.slide_window(s);
 }
 
 TokenScore BatchEngine::score(const Sequence & s, const float * row, uint32_t n, int32_t idx) {
@@ -179,7 +216,7 @@ std::vector<Event> BatchEngine::step() {
     batch_.clear();
     for (size_t k = 0; k < plan.size(); ++k) {
         Sequence & s = *plan[k].seq;
-        batch_.views.push_back(SeqView{&s.blocks, blocks_.block_size()});
+        batch_.views.push_back(view(s));
         const uint32_t end = s.n_computed + plan[k].n_tokens;
         for (uint32_t p = s.n_computed; p < end; ++p) {
             batch_.add(s.tokens[p], static_cast<int32_t>(p), static_cast<int32_t>(k), p + 1 == s.tokens.size());
@@ -198,7 +235,7 @@ std::vector<Event> BatchEngine::step() {
     for (const Scheduled & sc : plan) {
         Sequence & s = *sc.seq;
         s.n_computed += sc.n_tokens;
-        register_full_blocks(s);
+        advanced(s);
         if (no_outputs || s.n_computed != s.tokens.size()) {
             continue;  // mid-prompt chunk
         }
@@ -226,6 +263,8 @@ BatchEngine::Stats BatchEngine::stats() const {
     Stats s{};
     s.n_blocks             = blocks_.n_blocks();
     s.n_free_blocks        = blocks_.n_free();
+    s.n_blocks_swa         = blocks_swa_ ? blocks_swa_->n_blocks() : 0;
+    s.n_free_blocks_swa    = blocks_swa_ ? blocks_swa_->n_free() : 0;
     s.block_size           = blocks_.block_size();
     s.n_waiting            = sched_.n_waiting();
     s.n_running            = sched_.n_running();
@@ -237,7 +276,8 @@ BatchEngine::Stats BatchEngine::stats() const {
     s.n_steps              = n_steps_;
     s.n_tokens_run         = runner_.timings().n_tokens;
     s.kv_bytes             = runner_.kv_bytes();
-    s.kv_bytes_per_token   = kv_bytes_per_token(model_);
+    s.kv_bytes_per_token   = kv_bytes_per_token(model_, false);
+    s.kv_bytes_per_token_swa = kv_bytes_per_token(model_, true);
     s.spec_steps           = spec_steps_;
     s.plain_decode_steps   = plain_decode_steps_;
     s.drafted              = drafted_;
@@ -249,7 +289,7 @@ BatchEngine::Stats BatchEngine::stats() const {
 
 namespace {
 
-constexpr char kPrefixMagic[8] = {'A', 'P', 'L', 'P', 'F', 'X', '0', '1'};
+constexpr char kPrefixMagic[8] = {'A', 'P', 'L', 'P', 'F', 'X', '0', '2'};
 
 struct PrefixHeader {
     char     magic[8];
@@ -260,14 +300,15 @@ struct PrefixHeader {
     uint32_t n_embd_k;
     uint32_t n_embd_v;
     uint32_t n_blocks;
-    uint32_t reserved;
+    uint32_t n_swa_blocks;  // the last blocks, whose sliding-window layers' K/V follow (0: no such layers)
 };
 
-// Calls io(tensor, byte offset, bytes) for the K and V rows of one block in every layer, in the
-// order prefix files store them.
+// Calls io(tensor, byte offset, bytes) for the K and V rows of one block in every layer with (swa)
+// or without a sliding window, in the order prefix files store them.
 template <typename F>
-bool for_block_rows(const KvStorage & kv, uint32_t n_layer, int32_t block, uint32_t bs, F && io) {
-    for (uint32_t il = 0; il < n_layer; ++il) {
+bool for_block_rows(const KvStorage & kv, const HParams & hp, bool swa, int32_t block, uint32_t bs, F && io) {
+    for (uint32_t il = 0; il < hp.n_layer; ++il) {
+        if (hp.is_swa(il) != swa) continue;
         for (ggml_tensor * t : {kv.k(il), kv.v(il)}) {
             const size_t row = ggml_row_size(t->type, t->ne[0]);
             if (!io(t, static_cast<size_t>(block) * bs * row, row * bs)) {
@@ -280,43 +321,52 @@ bool for_block_rows(const KvStorage & kv, uint32_t n_layer, int32_t block, uint3
 
 }  // namespace
 
+// File: header, the prefix's token ids, then per block the K/V rows of the global layers, then, for
+// the blocks a token right after the prefix sees through its window, those of the windowed layers.
 uint32_t BatchEngine::save_prefix(const std::vector<int32_t> & tokens, const std::string & tenant, const std::string & path) {
     const uint32_t bs   = blocks_.block_size();
     const uint64_t salt = salt_for(tenant);
-    std::vector<uint64_t> hashes;
-    std::vector<int32_t>  held = blocks_.match_prefix(tokens, salt, static_cast<uint32_t>(tokens.size() / bs), hashes);
-    const KvStorage &     kv   = runner_.kv();
-    const HParams &       hp   = model_.hp;
+    PrefixHit      hit  = sched_.match_prefix(tokens, salt, static_cast<uint32_t>(tokens.size() / bs));
+    const uint32_t k    = static_cast<uint32_t>(hit.blocks.size());
+    const uint32_t lo   = blocks_swa_ ? first_window_block(k * bs, model_.hp.n_swa, bs) : k;
+    const KvStorage & kv = runner_.kv();
+    const HParams &   hp = model_.hp;
     PrefixHeader h{};
     std::memcpy(h.magic, kPrefixMagic, sizeof(h.magic));
-    h.model      = fnv1a(params_.model_key);
-    h.salt       = salt;
-    h.block_size = bs;
-    h.n_layer    = hp.n_layer;
-    h.n_embd_k   = hp.n_embd_k_gqa();
-    h.n_embd_v   = hp.n_embd_v_gqa();
-    h.n_blocks   = static_cast<uint32_t>(held.size());
+    h.model        = fnv1a(params_.model_key);
+    h.salt         = salt;
+    h.block_size   = bs;
+    h.n_layer      = hp.n_layer;
+    h.n_embd_k     = hp.n_embd_k_gqa();
+    h.n_embd_v     = hp.n_embd_v_gqa();
+    h.n_blocks     = k;
+    h.n_swa_blocks = k - lo;
     std::FILE * f = std::fopen((path + ".tmp").c_str(), "wb");
     if (f == nullptr) {
-        blocks_.release(held);
+        sched_.release(hit);
         throw RuntimeFailure("cannot write " + path);
     }
-    bool ok = std::fwrite(&h, sizeof(h), 1, f) == 1 && std::fwrite(tokens.data(), sizeof(int32_t), held.size() * bs, f) == held.size() * bs;
+    bool ok = std::fwrite(&h, sizeof(h), 1, f) == 1 &&
+              std::fwrite(tokens.data(), sizeof(int32_t), static_cast<size_t>(k) * bs, f) == static_cast<size_t>(k) * bs;
     std::vector<uint8_t> buf;
-    for (int32_t b : held) {
-        ok = ok && for_block_rows(kv, hp.n_layer, b, bs, [&](ggml_tensor * t, size_t off, size_t bytes) {
-            buf.resize(bytes);
-            ggml_backend_tensor_get(t, buf.data(), off, bytes);
-            return std::fwrite(buf.data(), 1, bytes, f) == bytes;
-        });
+    auto write = [&](ggml_tensor * t, size_t off, size_t bytes) {
+        buf.resize(bytes);
+        ggml_backend_tensor_get(t, buf.data(), off, bytes);
+        return std::fwrite(buf.data(), 1, bytes, f) == bytes;
+    };
+    for (uint32_t i = 0; i < k && ok; ++i) {
+        ok = for_block_rows(kv, hp, false, hit.blocks[i], bs, write);
+    }
+    for (uint32_t j = lo; j < k && ok; ++j) {
+        ok = for_block_rows(kv, hp, true, hit.swa_blocks[j], bs, write);
     }
     ok = std::fclose(f) == 0 && ok;
-    blocks_.release(held);
+    sched_.release(hit);
     if (!ok || std::rename((path + ".tmp").c_str(), path.c_str()) != 0) {
         std::remove((path + ".tmp").c_str());
         throw RuntimeFailure("cannot write " + path);
     }
-    return static_cast<uint32_t>(held.size()) * bs;
+    return k * bs;
 }
 
 uint32_t BatchEngine::load_prefix(const std::string & path) {
@@ -327,10 +377,12 @@ uint32_t BatchEngine::load_prefix(const std::string & path) {
     const HParams & hp = model_.hp;
     PrefixHeader h{};
     const uint32_t bs = blocks_.block_size();
-    if (std::fread(&h, sizeof(h), 1, f) != 1 || std::memcmp(h.magic, kPrefixMagic, sizeof(h.magic)) != 0 ||
-        h.model != fnv1a(params_.model_key) || h.block_size != bs ||
-        h.n_layer != hp.n_layer || h.n_embd_k != hp.n_embd_k_gqa() || h.n_embd_v != hp.n_embd_v_gqa() ||
-        h.n_blocks > blocks_.n_blocks()) {
+    const bool header_ok =
+        std::fread(&h, sizeof(h), 1, f) == 1 && std::memcmp(h.magic, kPrefixMagic, sizeof(h.magic)) == 0 &&
+        h.model == fnv1a(params_.model_key) && h.block_size == bs && h.n_layer == hp.n_layer &&
+        h.n_embd_k == hp.n_embd_k_gqa() && h.n_embd_v == hp.n_embd_v_gqa() && h.n_blocks <= blocks_.n_blocks() &&
+        h.n_swa_blocks == (blocks_swa_ ? h.n_blocks - first_window_block(h.n_blocks * bs, hp.n_swa, bs) : 0);
+    if (!header_ok) {
         std::fclose(f);
         throw ModelFormatError("prefix file " + path + " is not for this model and block size");
     }
@@ -339,36 +391,54 @@ uint32_t BatchEngine::load_prefix(const std::string & path) {
         std::fclose(f);
         throw ModelFormatError("prefix file " + path + " is truncated");
     }
-    // at most as many blocks as are free (the oldest cached ones may be evicted to make room)
-    const uint32_t n = std::min(h.n_blocks, blocks_.n_free());
     const KvStorage & kv = runner_.kv();
-    std::vector<int32_t> held;
     std::vector<uint8_t> buf;
-    uint64_t parent = 0;
-    bool     ok     = true;
+    auto read = [&](ggml_tensor * t, size_t off, size_t bytes) {
+        buf.resize(bytes);
+        if (std::fread(buf.data(), 1, bytes, f) != bytes) return false;
+        ggml_backend_tensor_set(t, buf.data(), off, bytes);
+        return true;
+    };
+    // at most as many blocks as are free (the oldest cached ones may be evicted to make room); the
+    // windowed layers' blocks only when the whole prefix fits (they belong to its end)
+    const uint32_t        n = std::min(h.n_blocks, blocks_.n_free());
+    std::vector<int32_t>  held, held_swa;
+    std::vector<uint64_t> hashes;
+    bool                  ok = true;
     for (uint32_t i = 0; i < n && ok; ++i) {
         const int32_t b = blocks_.allocate();
         held.push_back(b);
-        ok = for_block_rows(kv, hp.n_layer, b, bs, [&](ggml_tensor * t, size_t off, size_t bytes) {
-            buf.resize(bytes);
-            if (std::fread(buf.data(), 1, bytes, f) != bytes) return false;
-            ggml_backend_tensor_set(t, buf.data(), off, bytes);
-            return true;
-        });
+        ok = for_block_rows(kv, hp, false, b, bs, read);
         if (ok) {
             const int32_t * toks = tokens.data() + static_cast<size_t>(i) * bs;
-            parent = BlockManager::hash_block(parent, toks, bs, h.salt);
-            blocks_.register_full(b, parent, toks);
+            hashes.push_back(BlockManager::hash_block(hashes.empty() ? 0 : hashes.back(), toks, bs, h.salt));
+            blocks_.register_full(b, hashes.back(), toks);
+        }
+    }
+    if (ok && blocks_swa_ && n == h.n_blocks && h.n_swa_blocks <= blocks_swa_->n_free()) {
+        for (uint32_t j = n - h.n_swa_blocks; j < n && ok; ++j) {
+            const int32_t b = blocks_swa_->allocate();
+            held_swa.push_back(b);
+            ok = for_block_rows(kv, hp, true, b, bs, read);
+            if (ok) blocks_swa_->register_full(b, hashes[j], tokens.data() + static_cast<size_t>(j) * bs);
         }
     }
     std::fclose(f);
     blocks_.release(held);  // cached and free: reused on a hit, evicted in LRU order
+    if (blocks_swa_) blocks_swa_->release(held_swa);
     if (!ok) {
         throw ModelFormatError("prefix file " + path + " is truncated");
     }
     return n * bs;
 }
 
-std::string BatchEngine::check_invariants() const { return blocks_.check(sched_.holders()); }
+std::string BatchEngine::check_invariants() const {
+    std::string err = blocks_.check(sched_.holders());
+    if (err.empty() && blocks_swa_) {
+        err = blocks_swa_->check(sched_.swa_holders());
+        if (!err.empty()) err = "sliding-window pool: " + err;
+    }
+    return err;
+}
 
 }  // namespace appliance

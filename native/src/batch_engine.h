@@ -24,6 +24,8 @@ struct Model;
 struct BatchEngineParams {
     uint32_t             kv_cache_mb        = 256;  // memory for the paged KV cache
     uint32_t             n_blocks           = 0;    // > 0: exactly this many blocks instead (tests)
+    uint32_t             n_blocks_swa       = 0;    // > 0: this many in the sliding-window layers' pool (tests;
+                                                    // by default as many as n_blocks)
     uint32_t             block_size         = 16;   // tokens per KV block
     uint32_t             max_batched_tokens = 512;  // tokens per forward pass
     uint32_t             max_seqs           = 16;   // sequences in flight
@@ -36,6 +38,7 @@ struct BatchEngineParams {
     uint32_t              draft_exit_layer = 0;  // lossless: the draft runs layers [0, E); 0 means all of them
     uint32_t              draft_max        = 8;  // lossless: most positions drafted per round
     bool                  always_draft     = false;  // lossless: draft even where plain steps measure faster
+    GatherPolicy          gather_kv        = GatherPolicy::Auto;  // attention over gathered cells (AttnSpan)
 };
 
 struct Request {
@@ -88,11 +91,22 @@ public:
     bool     idle() const { return sched_.idle(); }
     uint32_t max_seq_len() const { return sched_.config().max_seq_len; }
 
+    // The two KV pools' sizes in blocks: every layer's pool, or, for a model with sliding-window
+    // layers, the global layers' pool and the windowed layers' pool (which only needs each running
+    // sequence's window, so kv_cache_mb buys many more global blocks). Throws InvalidArgument.
+    struct PoolSizes {
+        uint32_t n_blocks = 0, n_blocks_swa = 0;  // n_blocks_swa: 0 when the model has no windowed layers
+    };
+    static PoolSizes pool_sizes(const Model & m, const BatchEngineParams & p);
+
     struct Stats {
         uint32_t n_blocks, n_free_blocks, block_size, n_waiting, n_running;
+        uint32_t n_blocks_swa, n_free_blocks_swa;  // the sliding-window layers' pool (0, 0 when none)
         uint64_t n_preemptions, prefix_hits, prefix_lookups, prefix_evictions, n_steps, n_tokens_run;
         uint32_t prefix_cached_blocks;
-        size_t   kv_bytes, kv_bytes_per_token;
+        size_t   kv_bytes;
+        size_t   kv_bytes_per_token;      // what every cached position costs (the layers without a window)
+        size_t   kv_bytes_per_token_swa;  // per position of the windowed layers' pool (only windows are kept)
         uint64_t spec_steps, plain_decode_steps, drafted, accepted, adaptive_tokens;
         std::vector<uint64_t> exits_per_layer;  // adaptive: tokens decided after each layer count [0, n_layer]
     };
@@ -109,10 +123,12 @@ public:
     const Timings & timings() const { return runner_.timings(); }
 
 private:
-    static uint32_t n_blocks_for(const Model & m, const BatchEngineParams & p);
     uint64_t        salt_for(const std::string & tenant) const;
     void            finish(Sequence * s, const std::string & reason, std::vector<Event> & events);
-    void            register_full_blocks(Sequence & s);
+    // After s.n_computed grew: registers its new full blocks in the prefix cache (both pools) and
+    // gives back the windowed layers' blocks its window has left.
+    void            advanced(Sequence & s);
+    SeqView         view(Sequence & s) const { return SeqView{&s.blocks, blocks_.block_size(), &s.swa_blocks}; }
     // Appends tok to s, or finishes s on an end-of-generation token or at its length limit; false once
     // s is finished (and gone). The step's event for s must exist.
     bool            emit(Sequence & s, int32_t tok, std::vector<Event> & events, TokenScore score = {});
@@ -127,7 +143,9 @@ private:
 
     const Model &                                          model_;
     BatchEngineParams                                      params_;
+    PoolSizes                                              pools_;
     BlockManager                                           blocks_;
+    std::unique_ptr<BlockManager>                          blocks_swa_;  // sliding-window layers (nullptr: none)
     Scheduler                                              sched_;
     ModelRunner                                            runner_;
     std::unordered_set<int32_t>                            eog_;

@@ -254,13 +254,14 @@ PYBIND11_MODULE(_native, m) {
     py::class_<BatchEngine>(m, "BatchEngine",
                             "Continuous batching over a paged KV cache with a prefix cache. Not thread-safe: "
                             "one thread submits, steps and cancels.")
-        .def(py::init([](const Model & model, uint32_t kv_cache_mb, uint32_t n_blocks, uint32_t block_size,
+        .def(py::init([](const Model & model, uint32_t kv_cache_mb, uint32_t n_blocks, uint32_t n_blocks_swa, uint32_t block_size,
                          uint32_t max_batched_tokens, uint32_t max_seqs, int n_threads, std::vector<int32_t> eog_tokens,
                          std::string model_key, std::vector<uint32_t> exit_layers, std::vector<float> exit_thresholds,
-                         uint32_t draft_exit_layer, uint32_t draft_max, bool always_draft) {
+                         uint32_t draft_exit_layer, uint32_t draft_max, bool always_draft, const std::string & gather_kv) {
                  BatchEngineParams p;
                  p.kv_cache_mb        = kv_cache_mb;
                  p.n_blocks           = n_blocks;
+                 p.n_blocks_swa       = n_blocks_swa;
                  p.block_size         = block_size;
                  p.max_batched_tokens = max_batched_tokens;
                  p.max_seqs           = max_seqs;
@@ -272,14 +273,20 @@ PYBIND11_MODULE(_native, m) {
                  p.draft_exit_layer   = draft_exit_layer;
                  p.draft_max          = draft_max;
                  p.always_draft       = always_draft;
+                 if (gather_kv == "auto") p.gather_kv = GatherPolicy::Auto;
+                 else if (gather_kv == "never") p.gather_kv = GatherPolicy::Never;
+                 else if (gather_kv == "always") p.gather_kv = GatherPolicy::Always;
+                 else throw InvalidArgument("gather_kv must be 'auto', 'never' or 'always', got '" + gather_kv + "'");
                  py::gil_scoped_release release;
                  return std::make_unique<BatchEngine>(model, p);
              }),
-             py::arg("model"), py::kw_only(), py::arg("kv_cache_mb") = 256, py::arg("n_blocks") = 0, py::arg("block_size") = 16,
+             py::arg("model"), py::kw_only(), py::arg("kv_cache_mb") = 256, py::arg("n_blocks") = 0, py::arg("n_blocks_swa") = 0,
+             py::arg("block_size") = 16,
              py::arg("max_batched_tokens") = 512, py::arg("max_seqs") = 16, py::arg("n_threads") = 2,
              py::arg("eog_tokens") = std::vector<int32_t>{}, py::arg("model_key") = "",
              py::arg("exit_layers") = std::vector<uint32_t>{}, py::arg("exit_thresholds") = std::vector<float>{},
              py::arg("draft_exit_layer") = 0, py::arg("draft_max") = 8, py::arg("always_draft") = false,
+             py::arg("gather_kv") = "auto",
              py::keep_alive<1, 2>())
         .def("submit", [](BatchEngine & e, const py::handle & prompt, uint32_t max_tokens, float temperature, int32_t top_k,
                           float top_p, float min_p, float repeat_penalty, int32_t repeat_last_n, uint64_t seed,
@@ -323,6 +330,8 @@ PYBIND11_MODULE(_native, m) {
                  py::dict d;
                  d["n_blocks"]             = s.n_blocks;
                  d["n_free_blocks"]        = s.n_free_blocks;
+                 d["n_blocks_swa"]         = s.n_blocks_swa;
+                 d["n_free_blocks_swa"]    = s.n_free_blocks_swa;
                  d["block_size"]           = s.block_size;
                  d["n_waiting"]            = s.n_waiting;
                  d["n_running"]            = s.n_running;
@@ -335,6 +344,7 @@ PYBIND11_MODULE(_native, m) {
                  d["n_tokens_run"]         = s.n_tokens_run;
                  d["kv_bytes"]             = s.kv_bytes;
                  d["kv_bytes_per_token"]   = s.kv_bytes_per_token;
+                 d["kv_bytes_per_token_swa"] = s.kv_bytes_per_token_swa;
                  d["spec_steps"]           = s.spec_steps;
                  d["plain_decode_steps"]   = s.plain_decode_steps;
                  d["drafted"]              = s.drafted;

@@ -69,6 +69,22 @@ std::vector<int32_t> BlockManager::match_prefix(const std::vector<int32_t> & tok
     return out;
 }
 
+int32_t BlockManager::find_cached(uint64_t hash, const int32_t * tokens) const {
+    auto it = index_.find(hash);
+    if (it == index_.end() || std::memcmp(blocks_[it->second].tokens.data(), tokens, block_size_ * sizeof(int32_t)) != 0) {
+        return -1;
+    }
+    return it->second;
+}
+
+void BlockManager::acquire(int32_t block) {
+    assert(block >= 0 && static_cast<size_t>(block) < blocks_.size());
+    if (blocks_[block].ref == 0) {
+        take(block);
+    }
+    ++blocks_[block].ref;
+}
+
 int32_t BlockManager::allocate() {
     assert(!free_.empty());
     const int32_t b = free_.front();
@@ -100,6 +116,9 @@ void BlockManager::register_full(int32_t block, uint64_t hash, const int32_t * t
 
 void BlockManager::release(const std::vector<int32_t> & blocks) {
     for (auto it = blocks.rbegin(); it != blocks.rend(); ++it) {
+        if (*it < 0) {
+            continue;
+        }
         Block & blk = blocks_[*it];
         assert(blk.ref > 0);
         if (--blk.ref == 0) {
@@ -122,7 +141,8 @@ std::string BlockManager::check(const std::vector<const std::vector<int32_t> *> 
     std::vector<int32_t> refs(blocks_.size(), 0);
     for (const auto * table : holders) {
         for (int32_t b : *table) {
-            if (b < 0 || static_cast<size_t>(b) >= blocks_.size()) return "block id out of range in a block table";
+            if (b < 0) continue;  // a released slot (sliding-window tables)
+            if (static_cast<size_t>(b) >= blocks_.size()) return "block id out of range in a block table";
             ++refs[b];
         }
     }

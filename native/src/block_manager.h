@@ -33,6 +33,12 @@ public:
     std::vector<int32_t> match_prefix(const std::vector<int32_t> & tokens, uint64_t salt, uint32_t max_blocks,
                                       std::vector<uint64_t> & hashes);
 
+    // The cached block holding `hash` and exactly `tokens` (a full block), or -1. Takes nothing.
+    int32_t find_cached(uint64_t hash, const int32_t * tokens) const;
+
+    // Adds a reference to a block (a cached free one leaves the free list). Precondition: valid id.
+    void acquire(int32_t block);
+
     // A fresh block (evicting the least recently used cached one if no plain free block is left).
     // Precondition: n_free() > 0.
     int32_t allocate();
@@ -40,7 +46,7 @@ public:
     // Registers a block that just became full under its chained hash, so later prompts can reuse it.
     void register_full(int32_t block, uint64_t hash, const int32_t * tokens);
 
-    // Drops one reference to each block, last block first.
+    // Drops one reference to each block, last block first; entries < 0 (no block) are skipped.
     void release(const std::vector<int32_t> & blocks);
 
     struct Stats {
@@ -49,8 +55,8 @@ public:
     };
     Stats stats() const;
 
-    // Every block is free xor held; ref counts equal `holders` (each sequence's block table); the
-    // hash index points at blocks carrying that hash. Returns "" when all hold, else what broke.
+    // Every block is free xor held; ref counts equal `holders` (each sequence's block table, where
+    // entries < 0 hold nothing); the hash index points at blocks carrying that hash. Returns "" when all hold, else what broke.
     std::string check(const std::vector<const std::vector<int32_t> *> & holders) const;
 
 private:

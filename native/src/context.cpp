@@ -22,7 +22,7 @@ uint32_t checked_n_ctx(const ContextParams & p) {
 }  // namespace
 
 Context::Context(const Model & model, const ContextParams & params)
-    : runner_(model, checked_n_ctx(params), params.n_ubatch, params.n_threads),
+    : runner_(model, checked_n_ctx(params), checked_n_ctx(params), params.n_ubatch, params.n_threads),
       n_ubatch_(std::min(params.n_ubatch, params.n_ctx)) {}
 
 uint32_t Context::n_vocab() const { return runner_.model().hp.n_vocab; }
@@ -59,7 +59,7 @@ void Context::decode(const int32_t * tokens, uint32_t n, bool all_logits) {
         for (uint32_t off = 0; off < n; off += n_ubatch_) {
             const uint32_t len = std::min(n_ubatch_, n - off);
             batch_.clear();
-            batch_.views.push_back(SeqView{&blocks_, n_ctx()});
+            batch_.views.push_back(SeqView{&blocks_, n_ctx(), &blocks_});
             for (uint32_t i = 0; i < len; ++i) {
                 // logits for every token, or for the chunk's last (the one after the prompt's last is kept)
                 batch_.add(tokens[off + i], static_cast<int32_t>(n_past_ + i), 0, all_logits || i == len - 1);
@@ -88,7 +88,7 @@ void Context::run_pass(const std::vector<int32_t> & tokens, const PassSpec & pas
         APPL_REQUIRE(t >= 0 && t < static_cast<int32_t>(n_vocab()), InvalidArgument, "token id outside the vocabulary");
     }
     batch_.clear();
-    batch_.views.push_back(SeqView{&blocks_, n_ctx()});
+    batch_.views.push_back(SeqView{&blocks_, n_ctx(), &blocks_});
     for (uint32_t i = 0; i < n; ++i) {
         batch_.add(tokens[i], static_cast<int32_t>(n_past_ + i), 0, true);
         batch_.hidden_rows.push_back(static_cast<int32_t>(i));
@@ -124,7 +124,7 @@ void Context::probe_exits(const std::vector<int32_t> & tokens, const std::vector
     for (uint32_t off = 0; off < n; off += chunk) {
         const uint32_t len = std::min(chunk, n - off);
         batch_.clear();
-        batch_.views.push_back(SeqView{&blocks_, n_ctx()});
+        batch_.views.push_back(SeqView{&blocks_, n_ctx(), &blocks_});
         for (uint32_t i = 0; i < len; ++i) {
             batch_.add(tokens[off + i], static_cast<int32_t>(off + i), 0, true);
             batch_.hidden_rows.push_back(static_cast<int32_t>(i));

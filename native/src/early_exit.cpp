@@ -93,7 +93,7 @@ void BatchEngine::step_lossless(const std::vector<Scheduled> & plan, std::vector
         while (k > 1 && !sched_.grow(s, s.n_computed + k)) --k;  // the scheduler gave blocks for one
         d.push_back({&s, k, s.n_computed, {}});
         K = std::max(K, k);
-        batch_.views.push_back(SeqView{&s.blocks, blocks_.block_size()});
+        batch_.views.push_back(view(s));
     }
     const std::vector<SeqView> views = batch_.views;
     auto input = [](const Draft & dr, uint32_t i) { return i == 0 ? dr.s->tokens.back() : dr.toks[i - 1]; };
@@ -158,7 +158,7 @@ void BatchEngine::step_lossless(const std::vector<Scheduled> & plan, std::vector
         events[evi].n_accepted = accepted;
         accepted_ += accepted;
         if (alive) {
-            register_full_blocks(s);
+            advanced(s);
             s.draft_len = accepted == dr.k ? std::min(dr.k + 2, stride) : std::max<uint32_t>(1, accepted + 1);
         }
     }
@@ -173,7 +173,7 @@ void BatchEngine::step_adaptive(const std::vector<Scheduled> & plan, std::vector
     const uint32_t               n       = static_cast<uint32_t>(plan.size());
 
     batch_.clear();
-    for (const Scheduled & sc : plan) batch_.views.push_back(SeqView{&sc.seq->blocks, blocks_.block_size()});
+    for (const Scheduled & sc : plan) batch_.views.push_back(view(*sc.seq));
     const std::vector<SeqView> views = batch_.views;
     std::vector<uint32_t>      layers(n, 0);
     std::vector<uint32_t>      active(n);
@@ -194,7 +194,7 @@ void BatchEngine::step_adaptive(const std::vector<Scheduled> & plan, std::vector
     auto decide = [&](uint32_t j, int32_t tok, uint32_t at, TokenScore sc) {
         Sequence & s = *plan[j].seq;
         s.n_computed += 1;
-        register_full_blocks(s);
+        advanced(s);
         events.push_back(Event{s.id, {}, "", s.n_prompt, s.n_prompt_cached});
         events.back().layers_run = layers[j];
         events.back().exit_layers.push_back(static_cast<uint16_t>(at));

@@ -23,48 +23,36 @@ GraphBuilder::GraphBuilder(ggml_context * ctx_, ggml_cgraph * gf_, const Model &
       hidden(hidden_),
       shortlist(shortlist_) {
     GGML_ASSERT(ub.n_tokens > 0 && ub.n_outputs > 0 && ub.n_outputs <= ub.n_tokens);
-    GGML_ASSERT(ub.n_kv > 0 && ub.n_kv <= kv.n_cells());
+    GGML_ASSERT(ub.n_kv > 0 && (ub.gather || ub.n_kv <= kv.n_cells()));
+    GGML_ASSERT(hp.has_swa() ? ub.n_kv_swa > 0 && (ub.gather_swa || ub.n_kv_swa <= kv.n_cells_swa())
+                             : ub.n_kv_swa == 0 && !ub.gather_swa);
     GGML_ASSERT(pass.l_begin < l_end || (pass.l_begin == l_end && pass.l_begin > 0 && pass.head != Head::None));
     GGML_ASSERT(pass.is_full() || ub.n_outputs == ub.n_tokens);  // partial passes output every token
     GGML_ASSERT((pass.l_begin == 0 && !pass.keep_hidden) || (hidden && hidden->ne[0] == hp.n_embd));
     GGML_ASSERT(pass.head != Head::Shortlist || (shortlist && shortlist->ne[0] == hp.n_embd));
 
-    inp_tokens = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, ub.n_tokens);
-    ggml_set_name(inp_tokens, "inp_tokens");
-    ggml_set_input(inp_tokens);
-
-    inp_pos = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, ub.n_tokens);
-    ggml_set_name(inp_pos, "inp_pos");
-    ggml_set_input(inp_pos);
-
-    inp_kv_idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, ub.n_tokens);
-    ggml_set_name(inp_kv_idx, "inp_kv_idx");
-    ggml_set_input(inp_kv_idx);
-
-    inp_mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, ub.n_kv, ub.n_tokens);
-    ggml_set_name(inp_mask, "inp_mask");
-    ggml_set_input(inp_mask);
-
+    const int64_t n = ub.n_tokens;
+    inp_tokens      = new_input(GGML_TYPE_I32, n, 1, "inp_tokens");
+    inp_pos         = new_input(GGML_TYPE_I32, n, 1, "inp_pos");
+    inp_kv_idx      = new_input(GGML_TYPE_I64, n, 1, "inp_kv_idx");
+    inp_mask        = new_input(GGML_TYPE_F16, ub.n_kv, n, "inp_mask");
+    if (ub.gather) inp_kv_rows = new_input(GGML_TYPE_I32, ub.n_kv, 1, "inp_kv_rows");
     if (hp.has_swa()) {
-        inp_mask_swa = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, ub.n_kv, ub.n_tokens);
-        ggml_set_name(inp_mask_swa, "inp_mask_swa");
-        ggml_set_input(inp_mask_swa);
+        inp_kv_idx_swa = new_input(GGML_TYPE_I64, n, 1, "inp_kv_idx_swa");
+        inp_mask_swa   = new_input(GGML_TYPE_F16, ub.n_kv_swa, n, "inp_mask_swa");
+        if (ub.gather_swa) inp_kv_rows_swa = new_input(GGML_TYPE_I32, ub.n_kv_swa, 1, "inp_kv_rows_swa");
     }
-    if (ub.n_outputs < ub.n_tokens) {
-        inp_out_ids = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, ub.n_outputs);
-        ggml_set_name(inp_out_ids, "inp_out_ids");
-        ggml_set_input(inp_out_ids);
-    }
-    if (pass.l_begin > 0) {
-        inp_rows_get = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, ub.n_tokens);
-        ggml_set_name(inp_rows_get, "inp_rows_get");
-        ggml_set_input(inp_rows_get);
-    }
-    if (pass.keep_hidden) {
-        inp_rows_set = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, ub.n_tokens);
-        ggml_set_name(inp_rows_set, "inp_rows_set");
-        ggml_set_input(inp_rows_set);
-    }
+    if (ub.n_outputs < ub.n_tokens) inp_out_ids = new_input(GGML_TYPE_I32, ub.n_outputs, 1, "inp_out_ids");
+    if (pass.l_begin > 0) inp_rows_get = new_input(GGML_TYPE_I32, n, 1, "inp_rows_get");
+    if (pass.keep_hidden) inp_rows_set = new_input(GGML_TYPE_I64, n, 1, "inp_rows_set");
+}
+
+ggml_tensor * GraphBuilder::new_input(ggml_type type, int64_t ne0, int64_t ne1, const char * name) {
+    const int64_t ne[2] = {ne0, ne1};
+    ggml_tensor * t     = ggml_new_tensor(ctx, type, ne1 == 1 ? 1 : 2, ne);
+    ggml_set_name(t, name);
+    ggml_set_input(t);
+    return t;
 }
 
 ggml_tensor * GraphBuilder::embed_tokens() {
@@ -106,8 +94,9 @@ void GraphBuilder::store_kv(uint32_t il, ggml_tensor * k, ggml_tensor * v) {
     GGML_ASSERT(k->nb[1] == ggml_row_size(k->type, hp.head_dim_k) && v->nb[1] == ggml_row_size(v->type, hp.head_dim_v));
     ggml_tensor * k_rows = ggml_view_2d(ctx, k, hp.n_embd_k_gqa(), n, k->nb[2], 0);  // [n_embd_k_gqa, n]
     ggml_tensor * v_rows = ggml_view_2d(ctx, v, hp.n_embd_v_gqa(), n, v->nb[2], 0);  // [n_embd_v_gqa, n]
-    ggml_build_forward_expand(gf, ggml_set_rows(ctx, kv.k(il), k_rows, inp_kv_idx));
-    ggml_build_forward_expand(gf, ggml_set_rows(ctx, kv.v(il), v_rows, inp_kv_idx));
+    ggml_tensor * idx    = hp.is_swa(il) ? inp_kv_idx_swa : inp_kv_idx;             // [n]
+    ggml_build_forward_expand(gf, ggml_set_rows(ctx, kv.k(il), k_rows, idx));
+    ggml_build_forward_expand(gf, ggml_set_rows(ctx, kv.v(il), v_rows, idx));
 }
 
 void GraphBuilder::fill_kv(uint32_t il, ggml_tensor * x) {
@@ -127,23 +116,33 @@ void GraphBuilder::fill_kv(uint32_t il, ggml_tensor * x) {
 
 ggml_tensor * GraphBuilder::attention(uint32_t il, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, float kq_scale) {
     const int64_t n       = ub.n_tokens;
-    const int64_t n_kv    = ub.n_kv;
+    const bool    swa     = hp.is_swa(il);
+    const int64_t n_kv    = swa ? ub.n_kv_swa : ub.n_kv;
     const int64_t d       = hp.head_dim_k;
     ggml_tensor * k_cache = kv.k(il);  // [n_embd_k_gqa, n_cells]
     ggml_tensor * v_cache = kv.v(il);  // [n_embd_v_gqa, n_cells]
 
     store_kv(il, k, v);  // expanded first so the reads below see this batch's K and V
 
-    // [head_dim, n_head_kv, n_kv] views of the cache, permuted to [head_dim, n_kv, n_head_kv]
-    ggml_tensor * K = ggml_view_3d(ctx, k_cache, d, hp.n_head_kv, n_kv, ggml_row_size(k_cache->type, d),
-                                   ggml_row_size(k_cache->type, hp.n_embd_k_gqa()), 0);
-    ggml_tensor * V = ggml_view_3d(ctx, v_cache, d, hp.n_head_kv, n_kv, ggml_row_size(v_cache->type, d),
-                                   ggml_row_size(v_cache->type, hp.n_embd_v_gqa()), 0);
-    K = ggml_permute(ctx, K, 0, 2, 1, 3);
-    V = ggml_permute(ctx, V, 0, 2, 1, 3);
+    ggml_tensor * rows = swa ? inp_kv_rows_swa : inp_kv_rows;
+    ggml_tensor * K;
+    ggml_tensor * V;
+    if (rows != nullptr) {
+        // the cells this pass attends to, gathered: [n_embd_gqa, n_kv] F32 -> [head_dim, n_head_kv, n_kv]
+        K = ggml_reshape_3d(ctx, ggml_get_rows(ctx, k_cache, rows), d, hp.n_head_kv, n_kv);
+        V = ggml_reshape_3d(ctx, ggml_get_rows(ctx, v_cache, rows), hp.head_dim_v, hp.n_head_kv, n_kv);
+    } else {
+        // [head_dim, n_head_kv, n_kv] views of the cache's first n_kv cells
+        K = ggml_view_3d(ctx, k_cache, d, hp.n_head_kv, n_kv, ggml_row_size(k_cache->type, d),
+                         ggml_row_size(k_cache->type, hp.n_embd_k_gqa()), 0);
+        V = ggml_view_3d(ctx, v_cache, hp.head_dim_v, hp.n_head_kv, n_kv, ggml_row_size(v_cache->type, hp.head_dim_v),
+                         ggml_row_size(v_cache->type, hp.n_embd_v_gqa()), 0);
+    }
+    K = ggml_permute(ctx, K, 0, 2, 1, 3);  // [head_dim, n_kv, n_head_kv]
+    V = ggml_permute(ctx, V, 0, 2, 1, 3);  // [head_dim, n_kv, n_head_kv]
     ggml_tensor * Q = ggml_permute(ctx, q, 0, 2, 1, 3);  // [head_dim, n, n_head]
 
-    ggml_tensor * mask = hp.is_swa(il) ? inp_mask_swa : inp_mask;
+    ggml_tensor * mask = swa ? inp_mask_swa : inp_mask;  // [n_kv, n]
     ggml_tensor * out  = ggml_flash_attn_ext(ctx, Q, K, V, mask, kq_scale, 0.0f, 0.0f);  // [head_dim, n_head, n]
     ggml_prec_set_acc(out, GGML_PREC_F32);
     out = ggml_reshape_2d(ctx, out, d * hp.n_head, n);  // [n_embd_q, n]

@@ -19,9 +19,14 @@ struct UBatchShape {
     uint32_t n_tokens  = 0;
     uint32_t n_outputs = 0;  // tokens whose logits are computed (n_tokens when all are)
     uint32_t n_kv      = 0;  // attention reads cells [0, n_kv)
+    uint32_t n_kv_swa  = 0;  // sliding-window layers read cells [0, n_kv_swa) of their pool (0: no such layers)
+    // gather: attention reads n_kv rows gathered from the pool (inp_kv_rows) instead of cells [0, n_kv)
+    bool     gather     = false;
+    bool     gather_swa = false;
 
     bool operator==(const UBatchShape & o) const {
-        return n_tokens == o.n_tokens && n_outputs == o.n_outputs && n_kv == o.n_kv;
+        return n_tokens == o.n_tokens && n_outputs == o.n_outputs && n_kv == o.n_kv && n_kv_swa == o.n_kv_swa &&
+               gather == o.gather && gather_swa == o.gather_swa;
     }
 };
 
@@ -69,11 +74,17 @@ public:
     ggml_tensor * inp_tokens   = nullptr;  // I32 [n_tokens]
     ggml_tensor * inp_pos      = nullptr;  // I32 [n_tokens]
     ggml_tensor * inp_kv_idx   = nullptr;  // I64 [n_tokens]   cell that receives each token's K and V
+    ggml_tensor * inp_kv_idx_swa = nullptr;  // I64 [n_tokens]   the same in the sliding-window pool (nullptr if none)
+    ggml_tensor * inp_kv_rows  = nullptr;  // I32 [n_kv]  the cells attention reads, when gathering
+    ggml_tensor * inp_kv_rows_swa = nullptr;  // I32 [n_kv_swa]  the same in the sliding-window pool
     ggml_tensor * inp_mask     = nullptr;  // F16 [n_kv, n_tokens]  0 or -inf
-    ggml_tensor * inp_mask_swa = nullptr;  // F16 [n_kv, n_tokens]  for sliding-window layers (nullptr if none)
+    ggml_tensor * inp_mask_swa = nullptr;  // F16 [n_kv_swa, n_tokens]  for sliding-window layers (nullptr if none)
     ggml_tensor * inp_out_ids  = nullptr;  // I32 [n_outputs]  (nullptr when every token is an output)
     ggml_tensor * inp_rows_get = nullptr;  // I32 [n_tokens]   each token's row of `hidden` (read)
     ggml_tensor * inp_rows_set = nullptr;  // I64 [n_tokens]   the same rows (written)
+
+    // a graph input [ne0] (ne1 == 1) or [ne0, ne1], filled by the runner
+    ggml_tensor * new_input(ggml_type type, int64_t ne0, int64_t ne1, const char * name);
 
     // token embeddings scaled by hp.embd_scale: [n_embd, n_tokens]
     ggml_tensor * embed_tokens();
@@ -83,7 +94,8 @@ public:
     ggml_tensor * rope(ggml_tensor * x, uint32_t il);
     // projections: returns q [head_dim, n_head, n_tokens], k and v [head_dim, n_head_kv, n_tokens]
     void qkv(const LayerWeights & L, ggml_tensor * x, ggml_tensor ** q, ggml_tensor ** k, ggml_tensor ** v);
-    // stores k, v in the cache, attends over cells [0, n_kv) and applies the output projection
+    // stores k, v in the cache, attends over cells [0, n_kv) (or the gathered rows) and applies the
+    // output projection
     // q [head_dim, n_head, n_tokens], k/v [head_dim, n_head_kv, n_tokens] -> [n_embd, n_tokens]
     ggml_tensor * attention(uint32_t il, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, float kq_scale);
     // writes k [head_dim, n_head_kv, n_tokens] and v into layer il's cache at the tokens' cells

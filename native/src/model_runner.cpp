@@ -14,9 +14,6 @@ namespace appliance {
 
 namespace {
 
-// attention looks at a multiple of this many cells, so the graph keeps its shape across steps
-constexpr uint32_t kKvPad = 256;
-
 // inputs a pass does not read (token ids when it starts from hidden states, masks when it runs no
 // attention layer of that kind) are not in its graph and have no memory
 void set_input(ggml_tensor * t, const void * data, size_t bytes) {
@@ -27,8 +24,11 @@ void set_input(ggml_tensor * t, const void * data, size_t bytes) {
 
 }  // namespace
 
-ModelRunner::ModelRunner(const Model & model, uint32_t n_cells, uint32_t max_tokens, int n_threads)
-    : model_(model), kv_(model, std::max<uint32_t>(n_cells, 1)), max_tokens_(std::min(max_tokens, n_cells)), n_threads_(n_threads) {
+ModelRunner::ModelRunner(const Model & model, uint32_t n_cells, uint32_t n_cells_swa, uint32_t max_tokens, int n_threads)
+    : model_(model),
+      kv_(model, std::max<uint32_t>(n_cells, 1), std::max<uint32_t>(n_cells_swa, 1)),
+      max_tokens_(std::min({max_tokens, n_cells, model.hp.has_swa() ? n_cells_swa : n_cells})),
+      n_threads_(n_threads) {
     APPL_REQUIRE(n_cells > 0, InvalidArgument, "the KV cache needs at least one cell");
     APPL_REQUIRE(max_tokens > 0, InvalidArgument, "batch size must be positive");
     APPL_REQUIRE(n_threads > 0, InvalidArgument, "n_threads must be positive, got " + std::to_string(n_threads));
@@ -67,7 +67,7 @@ ModelRunner::ModelRunner(const Model & model, uint32_t n_cells, uint32_t max_tok
     // reserve compute memory for the largest ordinary pass (a full batch over the whole cache), so
     // running out of memory shows here rather than mid-request
     Slot &                      full  = slot_for(PassSpec{});
-    std::unique_ptr<BuiltGraph> worst = build(full, UBatchShape{max_tokens_, 1, kv_.n_cells()});
+    std::unique_ptr<BuiltGraph> worst = build(full, UBatchShape{max_tokens_, 1, kv_.n_cells(), kv_.n_cells_swa(), false, false});
     if (!ggml_backend_sched_reserve(full.sched, worst->gf)) {
         worst.reset();
         slots_.clear();
@@ -112,6 +112,9 @@ std::unique_ptr<ModelRunner::BuiltGraph> ModelRunner::build(Slot & slot, const U
     bg->tokens   = g.inp_tokens;
     bg->pos      = g.inp_pos;
     bg->kv_idx   = g.inp_kv_idx;
+    bg->kv_idx_swa = g.inp_kv_idx_swa;
+    bg->kv_rows    = g.inp_kv_rows;
+    bg->kv_rows_swa = g.inp_kv_rows_swa;
     bg->mask     = g.inp_mask;
     bg->mask_swa = g.inp_mask_swa;
     bg->out_ids  = g.inp_out_ids;
@@ -167,22 +170,27 @@ void ModelRunner::run(const Batch & batch, std::vector<float> & logits, const Pa
         for (int32_t r : batch.hidden_rows) GGML_ASSERT(r >= 0 && static_cast<uint32_t>(r) < max_tokens_);
     }
 
-    // the cell of every token, and how far attention has to look
+    // the cell that receives every token's K and V, in each pool
+    const bool swa = hp.has_swa();
     cells_.resize(n);
-    int64_t max_cell = 0;
+    cells_swa_.resize(swa ? n : 0);
     for (uint32_t i = 0; i < n; ++i) {
         const SeqView & v = batch.views[batch.seq[i]];
         cells_[i]         = v.cell(batch.pos[i]);
         GGML_ASSERT(cells_[i] >= 0 && cells_[i] < kv_.n_cells());
-        const int32_t bs = static_cast<int32_t>(v.block_size);
-        for (int32_t p = 0; p <= batch.pos[i]; p += bs) {  // the last cell it sees in each block
-            max_cell = std::max(max_cell, v.cell(std::min(p + bs - 1, batch.pos[i])));
+        if (swa) {
+            GGML_ASSERT(v.swa_blocks != nullptr && batch.pos[i] / v.block_size < v.swa_blocks->size());
+            cells_swa_[i] = v.cell_swa(batch.pos[i]);
+            GGML_ASSERT(cells_swa_[i] >= 0 && cells_swa_[i] < kv_.n_cells_swa());
         }
     }
-    const uint32_t n_kv = std::min(kv_.n_cells(), std::max(kKvPad, GGML_PAD(static_cast<uint32_t>(max_cell + 1), kKvPad)));
+    // what attention reads in each pool: a token sees positions 0..pos of its own sequence (the last
+    // n_swa of them on sliding-window layers, in their own pool)
+    plan_span(batch, 0, kv_.n_cells(), hp.n_head, gather_, span_);
+    if (swa) plan_span(batch, hp.n_swa, kv_.n_cells_swa(), hp.n_head, gather_, span_swa_);
 
     const uint64_t    t0 = now_us();
-    const UBatchShape shape{n, n_outputs, n_kv};
+    const UBatchShape shape{n, n_outputs, span_.n_kv, swa ? span_swa_.n_kv : 0, span_.gather, swa && span_swa_.gather};
     Slot &            slot = slot_for(pass);
     if (!slot.graph || !(slot.graph->shape == shape)) {
         slot.graph = build(slot, shape);
@@ -198,30 +206,14 @@ void ModelRunner::run(const Batch & batch, std::vector<float> & logits, const Pa
     set_input(g.tokens, batch.tokens.data(), n * sizeof(int32_t));
     set_input(g.pos, batch.pos.data(), n * sizeof(int32_t));
     set_input(g.kv_idx, cells_.data(), n * sizeof(int64_t));
-
-    // masks: a token sees the cells of positions 0..pos of its own sequence (the last n_swa of
-    // them on sliding-window layers); everything else is -inf
-    const ggml_fp16_t keep = ggml_fp32_to_fp16(0.0f);
-    const ggml_fp16_t drop = ggml_fp32_to_fp16(-INFINITY);
-    mask_.assign(static_cast<size_t>(n_kv) * n, drop);
-    mask_swa_.assign(g.mask_swa ? mask_.size() : 0, drop);
-    for (uint32_t i = 0; i < n; ++i) {
-        const SeqView & v   = batch.views[batch.seq[i]];
-        const int32_t   p1  = batch.pos[i];
-        ggml_fp16_t *   row = mask_.data() + static_cast<size_t>(i) * n_kv;
-        for (int32_t p0 = 0; p0 <= p1; ++p0) {
-            row[v.cell(p0)] = keep;
-        }
-        if (g.mask_swa) {
-            ggml_fp16_t * row_swa = mask_swa_.data() + static_cast<size_t>(i) * n_kv;
-            for (int32_t p0 = std::max<int32_t>(0, p1 - static_cast<int32_t>(hp.n_swa) + 1); p0 <= p1; ++p0) {
-                row_swa[v.cell(p0)] = keep;
-            }
-        }
-    }
+    set_input(g.kv_idx_swa, cells_swa_.data(), cells_swa_.size() * sizeof(int64_t));
+    fill_mask(batch, 0, span_, mask_);
     set_input(g.mask, mask_.data(), mask_.size() * sizeof(ggml_fp16_t));
-    if (g.mask_swa) {
+    if (span_.gather) set_input(g.kv_rows, span_.rows.data(), span_.rows.size() * sizeof(int32_t));
+    if (swa) {
+        fill_mask(batch, hp.n_swa, span_swa_, mask_swa_);
         set_input(g.mask_swa, mask_swa_.data(), mask_swa_.size() * sizeof(ggml_fp16_t));
+        if (span_swa_.gather) set_input(g.kv_rows_swa, span_swa_.rows.data(), span_swa_.rows.size() * sizeof(int32_t));
     }
     if (g.out_ids) {
         ggml_backend_tensor_set(g.out_ids, batch.out_ids.data(), 0, n_outputs * sizeof(int32_t));

@@ -2,6 +2,7 @@
 // paged KV cache: builds (or reuses) the graph, fills its inputs, computes, returns logits.
 #pragma once
 
+#include "attn_span.h"
 #include "batch.h"
 #include "ggml-backend.h"
 #include "graph.h"
@@ -28,9 +29,10 @@ struct Timings {
 
 class ModelRunner {
 public:
-    // n_cells: KV cache size in tokens; max_tokens: the largest batch run() accepts.
+    // n_cells: KV cache size in tokens (n_cells_swa: of the sliding-window layers' pool, used only
+    // when the model has such layers); max_tokens: the largest batch run() accepts.
     // Throws InvalidArgument for bad sizes, RuntimeFailure when memory cannot be had.
-    ModelRunner(const Model & model, uint32_t n_cells, uint32_t max_tokens, int n_threads);
+    ModelRunner(const Model & model, uint32_t n_cells, uint32_t n_cells_swa, uint32_t max_tokens, int n_threads);
     ~ModelRunner();
     ModelRunner(const ModelRunner &) = delete;
     ModelRunner & operator=(const ModelRunner &) = delete;
@@ -41,7 +43,8 @@ public:
     // the shortlist head; nothing for Head::None).
     // A partial pass (early exit) reads or keeps hidden states in rows batch.hidden_rows of the
     // runner's hidden store.
-    // Preconditions: 0 < batch.size() <= max_tokens, !out_ids.empty(), every cell < n_cells; for a
+    // Preconditions: 0 < batch.size() <= max_tokens, !out_ids.empty(), every cell < n_cells (the
+    // sliding-window table covers each token's window, within n_cells_swa); for a
     // partial pass every token is an output and has a hidden row < n_hidden_rows(); a shortlist head
     // needs set_shortlist() first.
     void run(const Batch & batch, std::vector<float> & logits, const PassSpec & pass = PassSpec{});
@@ -58,6 +61,8 @@ public:
     size_t          kv_bytes() const { return kv_.bytes(); }
     size_t          compute_bytes() const;
     const Timings & timings() const { return timings_; }
+    // whether attention gathers the cells it reads (AttnSpan): by cost, or forced (tests, measurements)
+    void            set_gather(GatherPolicy p) { gather_ = p; }
     const Model &   model() const { return model_; }
     const KvStorage & kv() const { return kv_; }
 
@@ -68,7 +73,7 @@ private:
         ggml_context * ctx = nullptr;
         ggml_cgraph *  gf  = nullptr;
         UBatchShape    shape;
-        ggml_tensor *  tokens = nullptr, *pos = nullptr, *kv_idx = nullptr, *mask = nullptr, *mask_swa = nullptr,
+        ggml_tensor *  tokens = nullptr, *pos = nullptr, *kv_idx = nullptr, *kv_idx_swa = nullptr, *kv_rows = nullptr, *kv_rows_swa = nullptr, *mask = nullptr, *mask_swa = nullptr,
                     *out_ids = nullptr, *rows_get = nullptr, *rows_set = nullptr, *logits = nullptr;
         ~BuiltGraph();
     };
@@ -100,7 +105,9 @@ private:
     Timings                     timings_;
     // scratch, reused across passes
     std::vector<ggml_fp16_t> mask_, mask_swa_;
-    std::vector<int64_t>     cells_, rows64_;
+    std::vector<int64_t>     cells_, cells_swa_, rows64_;
+    AttnSpan                 span_, span_swa_;
+    GatherPolicy             gather_ = GatherPolicy::Auto;
 };
 
 }  // namespace appliance

@@ -25,6 +25,8 @@ struct Sequence {
     uint32_t             n_prompt;
     uint32_t             n_computed = 0;      // leading tokens whose K/V are in the cache
     std::vector<int32_t> blocks;              // block table: position p lives in blocks[p / block_size]
+    std::vector<int32_t> swa_blocks;          // the sliding-window layers' block table (models with such
+                                              // layers): -1 where the window has moved past the block
     std::vector<uint64_t> block_hashes;       // chained hashes of the leading full blocks
     uint64_t             salt;                // model + tenant: keys the prefix cache
     uint32_t             max_tokens = 256;

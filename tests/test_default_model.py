@@ -98,3 +98,27 @@ assert all(len(paths) == 1 for paths in libs.values()), libs
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_past_the_window_with_the_windowed_pool_matches_llamacpp(default_model: Path) -> None:
+    """A prompt longer than Gemma 3's 512-token window, through the batching engine whose windowed pool
+    (640 cells) cannot hold the whole sequence: the continuation is llama.cpp's up to near-ties of
+    ggml's chunked-versus-whole prefill kernels, and a prefix hit past the window gives the same."""
+    from test_batching import KERNEL_NOISE, run_one
+
+    vocab = _native.Vocab(str(default_model))
+    text = " ".join(f"Ticket {k}: the customer asks about card {k % 7}, a transfer of {10 * k} euros." for k in range(40))
+    prompt = list(vocab.tokenize(text))
+    assert 700 < len(prompt) < 900
+    engine = _native.BatchEngine(_native.Model(str(default_model)), n_blocks=64, n_blocks_swa=40, block_size=16)
+    got, cached = run_one(engine, prompt, 24)
+    assert cached == 0 and engine.stats()["n_preemptions"] == 0
+    llm = ref_load(default_model, n_ctx=1024)
+    want = ref_greedy(llm, prompt, 24)
+    i = first_divergence(got, want)
+    if i is not None:
+        top2 = np.sort(ref_logits(llm, prompt + want[:i])[-1])[-2:]
+        print(f"past the window: diverges at token {i}, reference top-2 margin {top2[1] - top2[0]:.3f}")
+        assert top2[1] - top2[0] < KERNEL_NOISE
+    again, cached = run_one(engine, prompt, 24)
+    assert cached > 512 and again == got

@@ -230,6 +230,8 @@ def _metric(server: ServerProcess, name: str) -> float:
 
 def test_cancel_and_deadline_free_the_kv_cache(server: ServerProcess) -> None:
     total = _metric(server, "appliance_kv_blocks_total")
+    window_total = _metric(server, "appliance_kv_window_blocks_total")
+    assert window_total > 0  # gemma3: its sliding-window layers have a pool of their own
     with server.client() as c:
         call = c.stream(prompt="hello", max_tokens=5000, temperature=0)
         for _ in range(3):
@@ -242,6 +244,7 @@ def test_cancel_and_deadline_free_the_kv_cache(server: ServerProcess) -> None:
     while _metric(server, "appliance_kv_blocks_free") < total and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _metric(server, "appliance_kv_blocks_free") == total
+    assert _metric(server, "appliance_kv_window_blocks_free") == window_total
     assert _metric(server, "appliance_engine_sequences_running") == 0
 
 

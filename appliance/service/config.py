@@ -77,7 +77,9 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     path: str = ""  # manifest name or .gguf path; empty: the provisioned default model
     n_ctx: int = 4096
     threads: int = 0  # 0: every CPU this process may use
-    kv_cache_mb: int = 256  # paged KV cache shared by all running requests (and the prefix cache)
+    # paged KV cache shared by all running requests (and the prefix cache); for a model with
+    # sliding-window layers (Gemma 3) those get only what the running windows need
+    kv_cache_mb: int = 256
     max_batched_tokens: int = 512  # tokens per forward pass: decodes first, prompts chunked into the rest
     context_budget: int = 2048  # most prompt tokens a Chat turn sends; older turns are summarized
     keep_turns: int = 4  # the last N messages stay verbatim

@@ -254,6 +254,9 @@ class ApplianceServer:
             gauges["appliance_engine_sequences_waiting"] = engine["n_waiting"]
             gauges["appliance_kv_blocks_total"] = engine["n_blocks"]
             gauges["appliance_kv_blocks_free"] = engine["n_free_blocks"]
+            # the sliding-window layers' pool (Gemma 3): 0 and 0 for models without one
+            gauges["appliance_kv_window_blocks_total"] = engine["n_blocks_swa"]
+            gauges["appliance_kv_window_blocks_free"] = engine["n_free_blocks_swa"]
             gauges["appliance_prefix_cache_hits_total"] = engine["prefix_hits"]
             gauges["appliance_engine_preemptions_total"] = engine["n_preemptions"]
         return gauges

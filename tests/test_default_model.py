@@ -107,7 +107,8 @@ def test_past_the_window_with_the_windowed_pool_matches_llamacpp(default_model: 
     from test_batching import KERNEL_NOISE, run_one
 
     vocab = _native.Vocab(str(default_model))
-    text = " ".join(f"Ticket {k}: the customer asks about card {k % 7}, a transfer of {10 * k} euros." for k in range(40))
+    tickets = (f"Ticket {k}: the customer asks about card {k % 7}, a transfer of {10 * k} euros." for k in range(40))
+    text = " ".join(tickets)
     prompt = list(vocab.tokenize(text))
     assert 700 < len(prompt) < 900
     engine = _native.BatchEngine(_native.Model(str(default_model)), n_blocks=64, n_blocks_swa=40, block_size=16)

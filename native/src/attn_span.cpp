@@ -53,16 +53,16 @@ void plan_span(const Batch & batch, uint32_t n_swa, uint32_t n_cells, uint32_t r
     const uint32_t n_direct = std::min(n_cells, padded(static_cast<uint64_t>(max_cell) + 1));
     const uint32_t n_gather = padded(visible);
     const uint64_t rows     = static_cast<uint64_t>(batch.size()) * rows_per_token;
-    out.gather              = policy == GatherPolicy::Always ||
-                 (policy == GatherPolicy::Auto && n_gather < n_direct && kGatherCost * n_gather < rows * (n_direct - n_gather));
+    const bool     cheaper  = n_gather < n_direct && kGatherCost * n_gather < rows * (n_direct - n_gather);
+    out.gather              = policy == GatherPolicy::Always || (policy == GatherPolicy::Auto && cheaper);
     out.rows.clear();
-    out.base.assign(n_views, 0);
-    out.off.assign(n_views, 0);
     if (!out.gather) {
         out.n_kv = n_direct;
         return;
     }
     out.n_kv = n_gather;
+    out.base.assign(n_views, 0);
+    out.off.assign(n_views, 0);
     for (size_t j = 0; j < n_views; ++j) {
         out.base[j] = hi[j] < 0 ? 0 : lo[j];
         out.off[j]  = static_cast<int32_t>(out.rows.size());

@@ -73,7 +73,8 @@ BatchEngine::BatchEngine(const Model & model, const BatchEngineParams & params)
       params_(params),
       pools_(pool_sizes(model, params)),
       blocks_(pools_.n_blocks, params.block_size),
-      blocks_swa_(pools_.n_blocks_swa > 0 ? std::make_unique<BlockManager>(pools_.n_blocks_swa, params.block_size) : nullptr),
+      blocks_swa_(pools_.n_blocks_swa > 0 ? std::make_unique<BlockManager>(pools_.n_blocks_swa, params.block_size)
+                                          : nullptr),
       sched_(blocks_, blocks_swa_.get(),
              SchedulerConfig{params.max_batched_tokens, params.max_seqs,
                              std::min(model.hp.n_ctx_train, pools_.n_blocks * params.block_size),
@@ -346,8 +347,8 @@ uint32_t BatchEngine::save_prefix(const std::vector<int32_t> & tokens, const std
         sched_.release(hit);
         throw RuntimeFailure("cannot write " + path);
     }
-    bool ok = std::fwrite(&h, sizeof(h), 1, f) == 1 &&
-              std::fwrite(tokens.data(), sizeof(int32_t), static_cast<size_t>(k) * bs, f) == static_cast<size_t>(k) * bs;
+    const size_t n_tok = static_cast<size_t>(k) * bs;
+    bool ok = std::fwrite(&h, sizeof(h), 1, f) == 1 && std::fwrite(tokens.data(), sizeof(int32_t), n_tok, f) == n_tok;
     std::vector<uint8_t> buf;
     auto write = [&](ggml_tensor * t, size_t off, size_t bytes) {
         buf.resize(bytes);
@@ -399,9 +400,11 @@ uint32_t BatchEngine::load_prefix(const std::string & path) {
         ggml_backend_tensor_set(t, buf.data(), off, bytes);
         return true;
     };
-    // at most as many blocks as are free (the oldest cached ones may be evicted to make room); the
-    // windowed layers' blocks only when the whole prefix fits (they belong to its end)
-    const uint32_t        n = std::min(h.n_blocks, blocks_.n_free());
+    // at most as many blocks as are free (the oldest cached ones may be evicted to make room); with
+    // windowed layers all or nothing, since a hit needs the window's blocks at the prefix's end
+    const bool windows_fit =
+        !blocks_swa_ || (h.n_blocks <= blocks_.n_free() && h.n_swa_blocks <= blocks_swa_->n_free());
+    const uint32_t        n = windows_fit ? std::min(h.n_blocks, blocks_.n_free()) : 0;
     std::vector<int32_t>  held, held_swa;
     std::vector<uint64_t> hashes;
     bool                  ok = true;
@@ -415,7 +418,7 @@ uint32_t BatchEngine::load_prefix(const std::string & path) {
             blocks_.register_full(b, hashes.back(), toks);
         }
     }
-    if (ok && blocks_swa_ && n == h.n_blocks && h.n_swa_blocks <= blocks_swa_->n_free()) {
+    if (ok && blocks_swa_ && n > 0) {
         for (uint32_t j = n - h.n_swa_blocks; j < n && ok; ++j) {
             const int32_t b = blocks_swa_->allocate();
             held_swa.push_back(b);

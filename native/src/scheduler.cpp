@@ -108,23 +108,25 @@ PrefixHit Scheduler::match_prefix(const std::vector<int32_t> & tokens, uint64_t 
         return hit;
     }
     // a token right after k cached blocks also needs the windowed layers' blocks it sees
-    const uint32_t bs = bm_.block_size();
-    uint32_t       k  = static_cast<uint32_t>(hit.blocks.size());
+    const uint32_t       bs = bm_.block_size();
+    uint32_t             k  = static_cast<uint32_t>(hit.blocks.size());
+    std::vector<int32_t> window;  // those blocks, for the k found
     for (; k > 0; --k) {
-        bool all = true;
-        for (uint32_t j = first_window_block(k * bs, cfg_.n_swa, bs); j < k && all; ++j) {
-            all = swa_->find_cached(hit.hashes[j], tokens.data() + static_cast<size_t>(j) * bs) >= 0;
+        window.clear();
+        for (uint32_t j = first_window_block(k * bs, cfg_.n_swa, bs); j < k; ++j) {
+            window.push_back(swa_->find_cached(hit.hashes[j], tokens.data() + static_cast<size_t>(j) * bs));
+            if (window.back() < 0) break;
         }
-        if (all) break;
+        if (window.empty() || window.back() >= 0) break;
     }
+    if (k == 0) window.clear();
     bm_.release(std::vector<int32_t>(hit.blocks.begin() + k, hit.blocks.end()));
     hit.blocks.resize(k);
     hit.hashes.resize(k);
-    hit.swa_blocks.assign(k, -1);
-    for (uint32_t j = first_window_block(k * bs, cfg_.n_swa, bs); j < k; ++j) {
-        const int32_t b = swa_->find_cached(hit.hashes[j], tokens.data() + static_cast<size_t>(j) * bs);
+    hit.swa_blocks.assign(k - window.size(), -1);
+    for (int32_t b : window) {
         swa_->acquire(b);
-        hit.swa_blocks[j] = b;
+        hit.swa_blocks.push_back(b);
     }
     return hit;
 }

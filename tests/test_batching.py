@@ -435,3 +435,22 @@ def test_gathered_attention_matches_direct(tiny_model: Callable[..., Path], arch
     assert outs["always"] == outs["never"]
     with pytest.raises(ValueError, match="gather_kv"):
         _native.BatchEngine(_native.Model(str(path)), n_blocks=8, gather_kv="sometimes")
+
+
+def test_scattered_pool_gathers_and_decodes_the_same(tiny_model: Callable[..., Path]) -> None:
+    """A long-running engine's prefix cache spreads new requests' blocks over the whole pool; attention
+    then gathers their cells instead of scanning the pool up to the highest one, with the same output."""
+    path = tiny_model("gemma3", "F32")
+    vocab = _native.Vocab(str(path))
+    engine = _native.BatchEngine(_native.Model(str(path)), n_blocks=512, block_size=4)
+    prompt = list(vocab.tokenize("the quick brown fox jumps over the lazy dog " * 4))
+    fresh, _ = run_one(engine, prompt, 16, tenant="first")
+    assert engine.timings()["n_gathered"] == 0  # a fresh pool is compact: attention reads it in place
+    rng = random.Random(7)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda".split()
+    for k in range(120):  # fills the pool with cached blocks, then evicts the oldest
+        run_one(engine, list(vocab.tokenize(" ".join(rng.choice(words) for _ in range(36)))), 1, tenant=f"churn{k}")
+    assert engine.stats()["prefix_evictions"] > 0
+    aged, cached = run_one(engine, prompt, 16, tenant="second")
+    assert cached == 0 and aged == fresh
+    assert engine.timings()["n_gathered"] > 0

@@ -74,6 +74,7 @@ py::dict timings_dict(const Timings & t) {
     d["inputs_us"]  = t.inputs_us;
     d["compute_us"] = t.compute_us;
     d["output_us"]  = t.output_us;
+    d["n_gathered"] = t.n_gathered;
     return d;
 }
 

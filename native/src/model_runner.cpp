@@ -245,6 +245,7 @@ void ModelRunner::run(const Batch & batch, std::vector<float> & logits, const Pa
 
     timings_.n_passes += 1;
     timings_.n_tokens += n;
+    timings_.n_gathered += shape.gather || shape.gather_swa ? 1 : 0;
     timings_.build_us += t1 - t0;
     timings_.inputs_us += t2 - t1;
     timings_.compute_us += t3 - t2;

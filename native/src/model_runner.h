@@ -25,6 +25,7 @@ struct Timings {
     uint64_t inputs_us  = 0;  // masks, positions, indices
     uint64_t compute_us = 0;  // ggml compute
     uint64_t output_us  = 0;  // copying logits out
+    uint64_t n_gathered = 0;  // passes whose attention gathered a pool's cells (AttnSpan)
 };
 
 class ModelRunner {

@@ -121,3 +121,36 @@ def test_policy_parse() -> None:
     assert (Policy.AUTO.reads, Policy.AUTO.writes) == (True, True)
     assert (Policy.READ_ONLY.reads, Policy.READ_ONLY.writes) == (True, False)
     assert (Policy.SKIP.reads, Policy.SKIP.writes) == (False, False)
+
+
+def test_memo_embedder_runs_the_model_once_per_recent_text(embedder: GgufEmbedder) -> None:
+    import numpy as np
+
+    from appliance.cache.embedder import MemoEmbedder
+
+    memo = MemoEmbedder(embedder, size=2)
+    assert (memo.dim, memo.version, memo.max_tokens) == (embedder.dim, embedder.version, embedder.max_tokens)
+    a = memo.embed("my card has not arrived")
+    assert memo.embed("my card has not arrived") is a and (memo.requests, memo.computed) == (2, 1)
+    np.testing.assert_array_equal(a, embedder.embed("my card has not arrived"))
+    with pytest.raises(ValueError, match="read-only"):
+        a[0] = 1.0  # shared between the stages of a request: nobody may change it
+    memo.embed("b")
+    memo.embed("c")  # evicts the least recently used, "my card has not arrived"
+    memo.embed("my card has not arrived")
+    assert (memo.requests, memo.computed) == (5, 4)
+    with pytest.raises(ValueError, match="at least 1"):
+        MemoEmbedder(embedder, size=0)
+
+
+def test_the_cache_shares_its_embeddings(cache: SemanticCache) -> None:
+    """A missed lookup and the store after it embed the query once; so does the router (it reads
+    ``cache.embedder``)."""
+    from appliance.cache.embedder import MemoEmbedder
+
+    assert isinstance(cache.embedder, MemoEmbedder)
+    before = cache.embedder.computed
+    assert cache.lookup("t", FP, "How do I top up by bank transfer?") is None
+    cache.store("t", FP, "How do I top up by bank transfer?", "like this", model="m")
+    cache.embedder.embed("How do I top up by bank transfer?")
+    assert cache.embedder.computed == before + 1

@@ -355,7 +355,11 @@ def test_cli_list_path_verify(manifest: Manifest, home_env: Path, capsys: pytest
 
 
 def test_cli_errors(
-    minilm_home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+    manifest: Manifest,
+    minilm_home: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
 ) -> None:
     monkeypatch.setenv("APPLIANCE_HOME", str(minilm_home))
     assert _cli("path", "nope") == 2
@@ -363,7 +367,7 @@ def test_cli_errors(
     assert _cli("path", GEMMA) == 1
     assert f"run: appliance models pull {GEMMA}" in capsys.readouterr().err
 
-    _flip_byte(minilm_home / "models" / "all-MiniLM-L6-v2-f16.gguf", 100)
+    _flip_byte(minilm_home / "models" / manifest.get(MINILM).file, 100)
     assert _cli("verify", MINILM) == 1
     assert "FAILED  all-minilm-l6-v2" in capsys.readouterr().out
 

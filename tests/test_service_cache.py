@@ -3,7 +3,9 @@ never for an opposite question, and the ledger books what it saved."""
 
 from __future__ import annotations
 
+import socket
 import sqlite3
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,13 @@ ROUTE_CACHE, ROUTE_LOCAL = 1, 2
 @pytest.fixture(scope="module")
 def server(tiny_model: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     d = tmp_path_factory.mktemp("svc-cache")
-    srv = ServerProcess(write_config(d / "appliance.toml", tiny_model("gemma3"), cache=True))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        metrics = f"127.0.0.1:{s.getsockname()[1]}"
+    srv = ServerProcess(
+        write_config(d / "appliance.toml", tiny_model("gemma3"), cache=True, server={"metrics": metrics})
+    )
+    srv.metrics = metrics
     yield srv
     assert srv.stop() == 0
 
@@ -111,3 +119,23 @@ def test_session_turns_are_cached_under_the_conversation_state(server: ServerPro
         ("user", follow_up),
         ("assistant", a2.text),
     ]
+
+
+def _embeddings(server: ServerProcess) -> tuple[float, float]:
+    body = urllib.request.urlopen(f"http://{server.metrics}/metrics", timeout=5).read().decode()
+    values = {line.split()[0]: float(line.split()[1]) for line in body.splitlines() if line.startswith("appliance_emb")}
+    return values["appliance_embeddings_requested_total"], values["appliance_embeddings_computed_total"]
+
+
+def test_a_missed_question_is_embedded_once(server: ServerProcess) -> None:
+    """Cache lookup, router and cache store all need the question's vector; the model runs once."""
+    requested0, computed0 = _embeddings(server)
+    with server.client("acme") as c:
+        first = c.generate(prompt="Which documents do I need to open a savings account?", max_tokens=4, temperature=0)
+        requested1, computed1 = _embeddings(server)
+        again = c.generate(prompt="Which documents do I need to open a savings account?", max_tokens=4, temperature=0)
+    requested2, computed2 = _embeddings(server)
+    assert first.route == ROUTE_LOCAL and again.route == ROUTE_CACHE
+    assert requested1 - requested0 == 3  # lookup, router, store
+    assert computed1 - computed0 == 1
+    assert (requested2 - requested1, computed2 - computed1) == (1, 0)  # the hit's lookup, from memory

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from appliance.cache.config import CacheConfig, shipped_threshold
-from appliance.cache.embedder import Embedder, GgufEmbedder, Vector
+from appliance.cache.embedder import Embedder, GgufEmbedder, MemoEmbedder, Vector
 from appliance.cache.errors import CacheError, QueryError
 from appliance.cache.guards import conflict, signature
 from appliance.cache.indexset import IndexSet
@@ -22,7 +22,6 @@ from appliance.cache.text import clean_text
 
 DB_NAME = "cache.sqlite3"
 INDEX_DIR = "index"
-_MEMO = 64
 _PURGE_INTERVAL_S = 60.0
 
 
@@ -55,7 +54,8 @@ class SemanticCache:
 
     def __init__(self, directory: Path, embedder: Embedder, config: CacheConfig, *, owns_embedder: bool) -> None:
         self.directory = directory
-        self.embedder = embedder
+        # Shared with the router and the Embed call, so that one request's text is embedded once.
+        self.embedder = embedder if isinstance(embedder, MemoEmbedder) else MemoEmbedder(embedder)
         self.config = config
         self.threshold = config.threshold if config.threshold is not None else shipped_threshold(embedder.version)
         self._owns_embedder = owns_embedder
@@ -72,7 +72,6 @@ class SemanticCache:
         )
         self.stats: Counter[str] = Counter()
         self._lock = threading.RLock()
-        self._memo: OrderedDict[str, Vector] = OrderedDict()
         self._last_flush = self._last_purge = time.monotonic()
         self._closed = False
 
@@ -97,21 +96,9 @@ class SemanticCache:
         return clean_text(query, "query", max_chars=self.config.max_query_chars)
 
     def embed(self, text: str) -> Vector:
-        """The embedding of an already cleaned query; the last few are remembered so that a store
-        right after a missed lookup does not embed the same text again."""
-        with self._lock:
-            vec = self._memo.get(text)
-            if vec is not None:
-                self._memo.move_to_end(text)
-                return vec
-        vec = self.embedder.embed(text)
-        if vec.shape != (self.embedder.dim,):
-            raise CacheError(f"embedder returned shape {vec.shape}, expected ({self.embedder.dim},)")
-        with self._lock:
-            self._memo[text] = vec
-            while len(self._memo) > _MEMO:
-                self._memo.popitem(last=False)
-        return vec
+        """The embedding of an already cleaned query; the embedder remembers the last few, so that a
+        store right after a missed lookup (or the router in between) does not embed it again."""
+        return self.embedder.embed(text)
 
     # ------------------------------------------------------------------ lookup
 
@@ -352,7 +339,7 @@ class SemanticCache:
             self.flush()
             self._closed = True
             self.store_db.close()
-            if self._owns_embedder and isinstance(self.embedder, GgufEmbedder):
+            if self._owns_embedder:
                 self.embedder.close()
 
     def __enter__(self) -> SemanticCache:

@@ -5,7 +5,8 @@ all-MiniLM-L6-v2: BERT, WordPiece vocabulary, mean pooling) on the CPU, runs one
 through ``llama_encode`` and returns the L2-normalised pooled vector as float32. Weight
 repacking ("extra" buffer types, e.g. AMX) is turned off: ggml dies with SIGILL on hosts that
 advertise AMX without enabling it. :class:`Embedder` is the protocol the cache needs, so another
-model (or a remote one) can be plugged in.
+model (or a remote one) can be plugged in. :class:`MemoEmbedder` remembers the last few vectors, so
+that the stages of one request (cache lookup, router, cache store) embed its text once.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import ctypes
 import hashlib
 import logging
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Protocol
 
@@ -43,6 +45,60 @@ class Embedder(Protocol):
     def embed(self, text: str) -> Vector:
         """L2-normalised float32 vector of ``text``; raises QueryError when it has too many tokens."""
         ...
+
+
+class MemoEmbedder:
+    """An :class:`Embedder` that remembers its last ``size`` vectors by text. Thread-safe.
+
+    One request's text is embedded by the cache lookup, again by the router and again by the cache
+    store after the answer; with this in front of the model, the model runs once. ``close`` closes the
+    wrapped embedder when it has a ``close``.
+    """
+
+    def __init__(self, inner: Embedder, size: int = 64) -> None:
+        if size < 1:
+            raise ValueError(f"MemoEmbedder size must be at least 1, got {size}")
+        self.inner = inner
+        self.size = size
+        self.requests = 0  # embed() calls
+        self.computed = 0  # of which the wrapped model ran (the rest came from memory)
+        self._memo: OrderedDict[str, Vector] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def dim(self) -> int:
+        return self.inner.dim
+
+    @property
+    def version(self) -> str:
+        return self.inner.version
+
+    @property
+    def max_tokens(self) -> int:
+        return self.inner.max_tokens
+
+    def embed(self, text: str) -> Vector:
+        with self._lock:
+            self.requests += 1
+            vec = self._memo.get(text)
+            if vec is not None:
+                self._memo.move_to_end(text)
+                return vec
+        vec = self.inner.embed(text)  # outside the lock: two threads may embed the same text at once
+        if vec.shape != (self.inner.dim,):
+            raise EmbedderError(f"embedder returned shape {vec.shape}, expected ({self.inner.dim},)")
+        vec.setflags(write=False)  # shared between callers
+        with self._lock:
+            self.computed += 1
+            self._memo[text] = vec
+            while len(self._memo) > self.size:
+                self._memo.popitem(last=False)
+        return vec
+
+    def close(self) -> None:
+        close = getattr(self.inner, "close", None)
+        if callable(close):
+            close()
 
 
 def default_model_path() -> Path:

@@ -17,6 +17,7 @@ import numpy.typing as npt
 
 from appliance.cache.embedder import Embedder
 from appliance.cache.errors import QueryError
+from appliance.cache.text import clean_text
 from appliance.route.features import extract, vector
 
 Array = npt.NDArray[np.float32]
@@ -96,7 +97,7 @@ class RouterModel:
         f = vector(extract(text))[None, :]
         if self.full is not None and embedder is not None and embedder.version == self.embedder_version:
             try:
-                e = embedder.embed(text)[None, :].astype(np.float32)
+                e = _embed(embedder, text)[None, :]
             except QueryError:  # longer than the embedding model takes: the features alone decide
                 return float(self.feats.prob(f)[0])
             return float(self.full.prob(np.concatenate([e, f], axis=1))[0])
@@ -137,6 +138,12 @@ class RouterModel:
             ) from None
 
 
+def _embed(embedder: Embedder, text: str) -> Array:
+    """The text as the semantic cache embeds it (NFC, whitespace collapsed), so that a request the
+    cache just looked up finds its vector in the embedder's memory instead of running the model."""
+    return embedder.embed(clean_text(text, "text", max_chars=1 << 20, allow_empty=True)).astype(np.float32)
+
+
 def train(texts: Sequence[str], labels: Sequence[str | None], embedder: Embedder | None, source: str) -> RouterModel:
     if any(label is None for label in labels):
         raise TrainingDataError(f"{source}: every row needs a label to train")
@@ -146,7 +153,7 @@ def train(texts: Sequence[str], labels: Sequence[str | None], embedder: Embedder
     feats = np.stack([vector(extract(t)) for t in texts])
     full = None
     if embedder is not None:
-        emb = np.stack([embedder.embed(t).astype(np.float32) for t in texts])
+        emb = np.stack([_embed(embedder, t) for t in texts])
         full = Linear.fit(np.concatenate([emb, feats], axis=1), y)
     version = embedder.version if embedder is not None else ""
     return RouterModel(full, Linear.fit(feats, y), version, source)

@@ -259,6 +259,10 @@ class ApplianceServer:
             gauges["appliance_kv_window_blocks_free"] = engine["n_free_blocks_swa"]
             gauges["appliance_prefix_cache_hits_total"] = engine["prefix_hits"]
             gauges["appliance_engine_preemptions_total"] = engine["n_preemptions"]
+            cache = self.pipeline.cache
+            if isinstance(cache, SemanticCacheStage):  # cache lookup, router, cache store share the vectors
+                gauges["appliance_embeddings_requested_total"] = cache.cache.embedder.requests
+                gauges["appliance_embeddings_computed_total"] = cache.cache.embedder.computed
         return gauges
 
     # ------------------------------------------------------------------ RPCs

@@ -167,6 +167,12 @@ class AsyncEngine:
         """Block pool, prefix cache and scheduler counters as of the last step."""
         return dict(self._stats)
 
+    @property
+    def busy(self) -> bool:
+        """Were requests running or waiting at the last step? (From the snapshot: safe from any thread.)"""
+        s = self._stats
+        return bool(s["n_running"] or s["n_waiting"])
+
     def check_invariants(self) -> str:
         """Block-pool invariants ('' when they hold); call when the engine is idle."""
         return str(self._native.check_invariants())

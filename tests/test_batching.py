@@ -222,8 +222,14 @@ def test_async_engine_streams_concurrently_and_cancels(tiny_model: Callable[...,
     engine = AsyncEngine(path, n_blocks=64, block_size=16, n_threads=1)
     opts = SamplingOptions(temperature=0.0, max_tokens=12)
 
+    busy_while_streaming: list[bool] = []
+
     async def collect(prompt: str) -> str:
-        return "".join([c.text async for c in engine.generate(prompt, opts, tenant="t")])
+        parts = []
+        async for c in engine.generate(prompt, opts, tenant="t"):
+            parts.append(c.text)
+            busy_while_streaming.append(engine.busy)
+        return "".join(parts)
 
     async def cancel_early() -> int:
         n = 0
@@ -237,9 +243,11 @@ def test_async_engine_streams_concurrently_and_cancels(tiny_model: Callable[...,
         texts = await asyncio.gather(collect("the quick brown"), collect("hello there"), collect("the quick brown"))
         return list(texts), await cancel_early()
 
+    assert not engine.busy
     try:
         texts, n = asyncio.run(main())
         assert texts[0] == texts[2] and all(texts)
+        assert any(busy_while_streaming)
         assert n == 3
         for _ in range(100):  # the cancel reaches the engine thread promptly
             if engine.stats()["n_running"] == 0:
@@ -247,6 +255,7 @@ def test_async_engine_streams_concurrently_and_cancels(tiny_model: Callable[...,
             asyncio.run(asyncio.sleep(0.01))
         stats = engine.stats()
         assert stats["n_running"] == 0 and stats["n_free_blocks"] == stats["n_blocks"]
+        assert not engine.busy  # what the service's embedder reads to take more threads
     finally:
         engine.close()
 

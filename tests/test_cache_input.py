@@ -12,6 +12,7 @@ from appliance.cache import (
     CacheConfig,
     ConfigError,
     Context,
+    EmbedderError,
     GgufEmbedder,
     KeyError_,
     Policy,
@@ -154,3 +155,18 @@ def test_the_cache_shares_its_embeddings(cache: SemanticCache) -> None:
     cache.store("t", FP, "How do I top up by bank transfer?", "like this", model="m")
     cache.embedder.embed("How do I top up by bank transfer?")
     assert cache.embedder.computed == before + 1
+
+
+def test_embedder_takes_more_threads_while_the_engine_is_idle() -> None:
+    import numpy as np
+
+    busy = [False]
+    with GgufEmbedder(n_threads=1, n_threads_idle=2, busy=lambda: busy[0]) as emb:
+        idle_vec = emb.embed("Where is my new card?")
+        assert emb.threads == 2
+        busy[0] = True
+        busy_vec = emb.embed("Where is my new card?")
+        assert emb.threads == 1
+        np.testing.assert_allclose(idle_vec, busy_vec, atol=1e-5)
+    with pytest.raises(EmbedderError, match="at least 1"):
+        GgufEmbedder(n_threads=0)

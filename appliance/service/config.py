@@ -268,9 +268,13 @@ class CacheConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     enabled: bool = True  # needs the embedding model (`appliance models pull all-minilm-l6-v2`)
     dir: str = ""  # empty: $APPLIANCE_HOME/semantic-cache
     ttl_s: float = 0.0  # 0: entries do not expire
+    # threads per query embedding; 0: one while the engine generates (two would spin-wait against it),
+    # up to 4 of the CPUs the service may use while it is idle
+    embed_threads: int = 0
 
     def __post_init__(self) -> None:
         _check(self.ttl_s >= 0, "ttl_s", "must be >= 0")
+        _check(self.embed_threads >= 0, "embed_threads", "must be >= 0")
 
     def path(self) -> Path:
         return Path(self.dir).expanduser() if self.dir else data_home() / "semantic-cache"

@@ -16,8 +16,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from appliance.cache import CacheError, SemanticCache
+from appliance.cache import CacheConfig as SemanticCacheConfig
+from appliance.cache import CacheError, GgufEmbedder, SemanticCache
 from appliance.cloud.pool import CloudPool
+from appliance.engine import default_threads
 from appliance.pipeline import Pipeline
 from appliance.route.budget import Budget
 from appliance.route.router import Router, load_model
@@ -142,7 +144,7 @@ class ApplianceServer:
                 loaded = await asyncio.to_thread(load_hot, backend.engine, state / "prefixes")
                 if loaded:
                     log.info("loaded %d tokens of saved hot prefixes into the prefix cache", loaded)
-            cache = await asyncio.to_thread(self._open_cache, backend.name)
+            cache = await asyncio.to_thread(self._open_cache, backend)
             routing = await asyncio.to_thread(self._routing, cache, self.ledger)
         except Exception as e:  # reported by every request and by health staying NOT_SERVING
             log.error("loading failed: %s", e)
@@ -180,17 +182,27 @@ class ApplianceServer:
         for name in ("", SERVICE):
             await self.health.set(name, status)
 
-    def _open_cache(self, model: str) -> SemanticCacheStage | PassThroughCache:
+    def _open_cache(self, backend: LocalBackend) -> SemanticCacheStage | PassThroughCache:
         """The semantic cache, or a pass-through when it is disabled or its embedder is missing."""
         c = self.cfg.cache
         if not c.enabled:
             return PassThroughCache()
         try:
-            cache = SemanticCache.open(c.path())
+            if c.embed_threads:
+                embedder = GgufEmbedder(n_threads=c.embed_threads)
+            else:
+                idle = min(4, default_threads())
+                embedder = GgufEmbedder(n_threads=1, n_threads_idle=idle, busy=lambda: backend.engine.busy)
         except (CacheError, OSError) as e:
             log.warning("semantic cache disabled: %s", e)
             return PassThroughCache()
-        return SemanticCacheStage(cache, model, c.ttl_s or None)
+        try:
+            cache = SemanticCache(c.path(), embedder, SemanticCacheConfig(), owns_embedder=True)
+        except (CacheError, OSError) as e:
+            embedder.close()
+            log.warning("semantic cache disabled: %s", e)
+            return PassThroughCache()
+        return SemanticCacheStage(cache, backend.name, c.ttl_s or None)
 
     def _routing(self, cache: SemanticCacheStage | PassThroughCache, ledger: Ledger) -> Routing:
         """The router on the semantic cache's embedding model (features only when it is not loaded)."""

@@ -17,7 +17,7 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 LLAMA_VERSION    := 0.3.36
 NATIVE_SRC       := $(shell find native -name '*.cpp' -o -name '*.h' -o -name CMakeLists.txt 2>/dev/null)
 
-.PHONY: serve test test-bundle bundle shellcheck deps build models lint typecheck stubs bench bench-decode bench-batch bench-prefix bench-serve bench-context bench-early-exit bench-savings calibrate-exit clean help
+.PHONY: serve test test-bundle bundle shellcheck deps build models lint typecheck stubs bench bench-decode bench-batch bench-prefix bench-serve bench-context bench-early-exit bench-savings bench-cache calibrate-exit clean help
 
 help:
 	@echo "make serve   set up .venv, build, provision the default models, start the gRPC service"
@@ -85,7 +85,7 @@ typecheck: build
 stubs: build
 	$(PY) -m mypy.stubtest --allowlist native/stubtest-allowlist.txt appliance._native
 
-bench: bench-decode bench-batch bench-prefix bench-serve bench-context bench-early-exit bench-savings
+bench: bench-decode bench-batch bench-prefix bench-serve bench-context bench-early-exit bench-savings bench-cache
 
 bench-decode: build models
 	$(VENV)/bin/appliance bench decode --json
@@ -143,6 +143,13 @@ shellcheck:
 BANKING77 ?= ../shared/data/banking77/train.csv
 bench-savings: build models
 	$(VENV)/bin/appliance bench savings --queries $(BANKING77) --json
+
+# the semantic cache: BANKING77's held-out 30% (the rows calibration did not see), CLINC150 (another
+# source), and lookups of 300 shuffled BANKING77 questions among 100,000 entries; 2 embedding threads
+bench-cache: build models
+	$(VENV)/bin/appliance cache eval --csv $(BANKING77) --holdout 0.7 --threads 2 --json
+	$(VENV)/bin/appliance cache eval --csv tests/data/clinc150_val.csv --threads 2 --json
+	$(VENV)/bin/appliance cache bench --entries 100000 --queries $(BANKING77) --shuffle 1 --threads 2 --json
 
 clean:
 	rm -rf build $(VENV)

@@ -25,6 +25,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     e.add_argument("--csv", type=Path, required=True)
     e.add_argument("--shuffle", type=int, default=None, metavar="SEED", help="shuffle rows with this seed first")
     e.add_argument("--limit", type=int, default=None, help="replay only the first N rows (after shuffling)")
+    e.add_argument(
+        "--holdout",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="replay only the rows `cache calibrate --fraction FRACTION` held out: the shuffled file "
+        "(--shuffle SEED, default 0, calibrate's --seed) after its first FRACTION",
+    )
     e.add_argument("--threshold", type=float, default=None, help="override the shipped threshold")
     e.add_argument("--no-guards", action="store_true", help="turn the opposite-meaning guards off")
     e.add_argument("--no-curve", action="store_true", help="skip the precision/hit-rate curve")
@@ -43,6 +51,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     b = csub.add_parser("bench", help="lookup latency with many entries")
     b.add_argument("--entries", type=int, default=100_000)
     b.add_argument("--lookups", type=int, default=300)
+    b.add_argument(
+        "--queries",
+        type=Path,
+        default=None,
+        metavar="CSV",
+        help="look up the text column of this CSV (distinct rows, in file order) instead of six built-in "
+        "questions numbered apart",
+    )
+    b.add_argument("--shuffle", type=int, default=None, metavar="SEED", help="shuffle the --queries rows first")
     _common(b)
     b.set_defaults(func=run_bench)
 
@@ -90,16 +107,22 @@ def _fail(e: Exception) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     from appliance.cache.config import CacheConfig
     from appliance.cache.embedder import GgufEmbedder
-    from appliance.cache.replay import read_csv, replay
+    from appliance.cache.replay import read_csv, replay, split
 
     try:
-        rows = read_csv(args.csv, shuffle_seed=args.shuffle)[: args.limit]
+        if args.holdout is not None:
+            if not 0.0 < args.holdout < 1.0:
+                raise CacheError(f"--holdout must be a fraction between 0 and 1, got {args.holdout}")
+            args.shuffle = 0 if args.shuffle is None else args.shuffle
+            rows = split(read_csv(args.csv, shuffle_seed=args.shuffle), args.holdout)[1][: args.limit]
+        else:
+            rows = read_csv(args.csv, shuffle_seed=args.shuffle)[: args.limit]
         config = CacheConfig(threshold=args.threshold, guards=not args.no_guards)
         with GgufEmbedder(args.embedding_model, n_threads=args.threads) as emb:
             res = replay(rows, emb, config, curve=not args.no_curve)
     except CacheError as e:
         return _fail(e)
-    res = {"csv": str(args.csv), "shuffle_seed": args.shuffle, **res}
+    res = {"csv": str(args.csv), "shuffle_seed": args.shuffle, "holdout": args.holdout, **res}
     _print(res, args.json)
     return 0
 
@@ -126,10 +149,19 @@ def run_calibrate(args: argparse.Namespace) -> int:
 def run_bench(args: argparse.Namespace) -> int:
     from appliance.cache.bench import bench
     from appliance.cache.embedder import GgufEmbedder
+    from appliance.cache.replay import read_csv
 
     try:
+        queries = (
+            None
+            if args.queries is None
+            else list(dict.fromkeys(r.text for r in read_csv(args.queries, shuffle_seed=args.shuffle)))
+        )
         with GgufEmbedder(args.embedding_model, n_threads=args.threads) as emb:
-            res = bench(emb, entries=args.entries, lookups=args.lookups)
+            if queries is None:
+                res = bench(emb, entries=args.entries, lookups=args.lookups)
+            else:
+                res = bench(emb, entries=args.entries, lookups=args.lookups, queries=queries)
     except CacheError as e:
         return _fail(e)
     _print(res, args.json)

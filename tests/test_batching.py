@@ -401,13 +401,18 @@ def test_prefix_hit_needs_the_windowed_blocks(tiny_model: Callable[..., Path]) -
     prompt = list(vocab.tokenize("the quick brown fox jumps over the lazy dog " * 3))
 
     cold = run_all(engine, [prompt], 8)[0]
+    hits = engine.stats()["prefix_hits"]
     warm, cached = run_one(engine, prompt, 8)
     assert cached > 0 and warm == cold  # the window's blocks were still cached
+    assert engine.stats()["prefix_hits"] - hits == cached // 8  # blocks reused
     # other prompts take the 4 windowed blocks over; the global pool (64) still holds the prefix
     for k in range(3):
         run_all(engine, [list(vocab.tokenize(f"{k} unrelated words fill the small windowed pool now"))], 8)
+    hits = engine.stats()["prefix_hits"]
     again, cached = run_one(engine, prompt, 8)
     assert cached == 0 and again == cold
+    # the global pool's match was given back for want of the window's blocks: no block was reused
+    assert engine.stats()["prefix_hits"] == hits
 
 
 def test_default_model_kv_budget_buys_global_cells(default_model: Path) -> None:

@@ -270,8 +270,8 @@ BatchEngine::Stats BatchEngine::stats() const {
     s.n_waiting            = sched_.n_waiting();
     s.n_running            = sched_.n_running();
     s.n_preemptions        = sched_.n_preemptions();
-    s.prefix_hits          = bs.hits;
-    s.prefix_lookups       = bs.lookups;
+    s.prefix_hits          = sched_.n_prefix_hits();
+    s.prefix_lookups       = sched_.n_prefix_lookups();
     s.prefix_evictions     = bs.evictions;
     s.prefix_cached_blocks = bs.cached;
     s.n_steps              = n_steps_;

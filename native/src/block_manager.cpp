@@ -48,7 +48,6 @@ std::vector<int32_t> BlockManager::match_prefix(const std::vector<int32_t> & tok
     for (uint32_t i = 0; i < max_blocks && (i + 1) * static_cast<size_t>(block_size_) <= tokens.size(); ++i) {
         const int32_t * t = tokens.data() + static_cast<size_t>(i) * block_size_;
         const uint64_t  h = hash_block(parent, t, block_size_, salt);
-        ++lookups_;
         auto it = index_.find(h);
         if (it == index_.end()) {
             break;
@@ -57,7 +56,6 @@ std::vector<int32_t> BlockManager::match_prefix(const std::vector<int32_t> & tok
         if (std::memcmp(blk.tokens.data(), t, block_size_ * sizeof(int32_t)) != 0) {
             break;  // a hash collision: never serve it
         }
-        ++hits_;
         if (blk.ref == 0) {
             take(it->second);
         }
@@ -130,8 +128,6 @@ void BlockManager::release(const std::vector<int32_t> & blocks) {
 
 BlockManager::Stats BlockManager::stats() const {
     Stats s;
-    s.hits      = hits_;
-    s.lookups   = lookups_;
     s.evictions = evictions_;
     s.cached    = static_cast<uint32_t>(index_.size());
     return s;

@@ -50,7 +50,7 @@ public:
     void release(const std::vector<int32_t> & blocks);
 
     struct Stats {
-        uint64_t hits = 0, lookups = 0, evictions = 0;
+        uint64_t evictions = 0;
         uint32_t cached = 0;  // blocks currently in the prefix cache (held or free)
     };
     Stats stats() const;
@@ -73,7 +73,7 @@ private:
     std::vector<Block>                    blocks_;
     std::list<int32_t>                    free_;  // front: plain free blocks, then cached ones oldest first
     std::unordered_map<uint64_t, int32_t> index_;
-    uint64_t                              hits_ = 0, lookups_ = 0, evictions_ = 0;
+    uint64_t                              evictions_ = 0;
 };
 
 }  // namespace appliance

@@ -103,7 +103,8 @@ void Scheduler::slide_window(Sequence & s) {
 
 PrefixHit Scheduler::match_prefix(const std::vector<int32_t> & tokens, uint64_t salt, uint32_t max_blocks) {
     PrefixHit hit;
-    hit.blocks = bm_.match_prefix(tokens, salt, max_blocks, hit.hashes);
+    hit.blocks    = bm_.match_prefix(tokens, salt, max_blocks, hit.hashes);
+    hit.n_matched = static_cast<uint32_t>(hit.blocks.size());
     if (!swa_) {
         return hit;
     }
@@ -182,6 +183,8 @@ std::vector<Scheduled> Scheduler::schedule(std::vector<Sequence *> & out_of_memo
             // reuse cached full blocks of its prefix; at least one token must run to give logits
             const uint32_t max_blocks = (static_cast<uint32_t>(s->tokens.size()) - 1) / bm_.block_size();
             PrefixHit      hit        = match_prefix(s->tokens, s->salt, max_blocks);
+            prefix_lookups_ += std::min<uint32_t>(max_blocks, hit.n_matched + 1);  // up to the first miss
+            prefix_hits_ += hit.blocks.size();
             s->blocks       = std::move(hit.blocks);
             s->swa_blocks   = std::move(hit.swa_blocks);
             s->block_hashes = std::move(hit.hashes);

@@ -36,6 +36,7 @@ struct Scheduled {
 struct PrefixHit {
     std::vector<int32_t>  blocks, swa_blocks;
     std::vector<uint64_t> hashes;
+    uint32_t              n_matched = 0;  // blocks the global pool matched, before the window check
 };
 
 // The first block a token at position `pos` still sees through a window of n_swa positions.
@@ -70,6 +71,10 @@ public:
     uint32_t n_waiting() const { return static_cast<uint32_t>(waiting_.size()); }
     uint32_t n_running() const { return static_cast<uint32_t>(running_.size()); }
     uint64_t n_preemptions() const { return preemptions_; }
+    // Prefix reuse by admitted sequences: blocks looked up, and blocks reused (after the window check;
+    // save_prefix's lookups are not counted).
+    uint64_t n_prefix_lookups() const { return prefix_lookups_; }
+    uint64_t n_prefix_hits() const { return prefix_hits_; }
     const SchedulerConfig & config() const { return cfg_; }
     // the block tables of every sequence holding blocks (for invariant checks), per pool
     std::vector<const std::vector<int32_t> *> holders() const;
@@ -88,6 +93,7 @@ private:
     std::deque<Sequence *>  waiting_;
     std::vector<Sequence *> running_;  // oldest first
     uint64_t                preemptions_ = 0;
+    uint64_t                prefix_lookups_ = 0, prefix_hits_ = 0;
 };
 
 }  // namespace appliance

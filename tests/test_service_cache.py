@@ -139,3 +139,69 @@ def test_a_missed_question_is_embedded_once(server: ServerProcess) -> None:
     assert requested1 - requested0 == 3  # lookup, router, store
     assert computed1 - computed0 == 1
     assert (requested2 - requested1, computed2 - computed1) == (1, 0)  # the hit's lookup, from memory
+
+
+def test_another_gguf_embedding_model_with_its_own_threshold(tiny_model: Callable[..., Path], tmp_path: Path) -> None:
+    """`[cache] embedding_model` takes any GGUF embedding model (here the default MiniLM quantized to
+    Q8_0 by llama.cpp, another file and version); without a calibrated threshold for it the cache stays
+    off and says why, with `[cache] threshold` it serves."""
+    import ctypes
+
+    import llama_cpp
+
+    from appliance.modelref import resolve_model
+
+    other = tmp_path / "minilm-q8_0.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+    src = str(resolve_model(None, role="embedding")).encode()
+    assert llama_cpp.llama_model_quantize(src, str(other).encode(), ctypes.byref(params)) == 0
+    question = "Why was my card payment declined at the shop?"
+
+    uncalibrated = tmp_path / "a"
+    uncalibrated.mkdir()
+    cfg = write_config(uncalibrated / "appliance.toml", tiny_model("gemma3"), cache={"embedding_model": str(other)})
+    srv = ServerProcess(cfg)
+    try:
+        with srv.client("acme") as c:
+            routes = [c.generate(prompt=question, max_tokens=4, temperature=0).route for _ in range(2)]
+        assert routes == [ROUTE_LOCAL, ROUTE_LOCAL]  # no cache, still serving
+    finally:
+        assert srv.stop() == 0
+    log = srv.log.read_text()
+    assert "semantic cache disabled: no calibrated cache threshold ships for embedder 'minilm-q8_0.gguf:" in log
+    assert "[cache] threshold" in log
+
+    calibrated = tmp_path / "b"
+    calibrated.mkdir()
+    settings = {"embedding_model": str(other), "threshold": 0.9}
+    srv = ServerProcess(write_config(calibrated / "appliance.toml", tiny_model("gemma3"), cache=settings))
+    try:
+        with srv.client("acme") as c:
+            routes = [c.generate(prompt=question, max_tokens=4, temperature=0).route for _ in range(2)]
+            embedded = c.embed([question])
+        assert routes == [ROUTE_LOCAL, ROUTE_CACHE]
+        assert embedded.model.startswith("minilm-q8_0.gguf:") and len(embedded.embeddings[0].values) == 384
+    finally:
+        assert srv.stop() == 0
+
+
+def test_a_missing_or_corrupt_embedding_model_turns_the_cache_off_and_says_so(
+    tiny_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    corrupt = tmp_path / "corrupt.gguf"
+    corrupt.write_bytes(b"GGUF" + bytes(range(256)) * 8)
+    cases = {tmp_path / "missing.gguf": "does not exist", corrupt: "could not load"}
+    for i, (model, why) in enumerate(cases.items()):
+        d = tmp_path / str(i)
+        d.mkdir()
+        srv = ServerProcess(
+            write_config(d / "appliance.toml", tiny_model("gemma3"), cache={"embedding_model": str(model)})
+        )
+        try:
+            with srv.client("acme") as c:
+                assert c.generate(prompt="hello", max_tokens=2, temperature=0).route == ROUTE_LOCAL
+        finally:
+            assert srv.stop() == 0
+        log = srv.log.read_text()
+        assert "semantic cache disabled:" in log and str(model) in log and why in log, log

@@ -25,7 +25,7 @@ def write_config(
     *,
     tcp: bool = True,
     server: Mapping[str, Any] | None = None,
-    cache: bool = False,
+    cache: bool | Mapping[str, Any] = False,
     **model_cfg: Any,
 ) -> Path:
     lines = ["[server]", f'unix_socket = "{path.parent / "s.sock"}"', "drain_timeout_s = 10"]
@@ -35,7 +35,9 @@ def write_config(
     model_items = {"path": str(model), "n_ctx": 8192, "context_budget": 1024, "threads": 1, **model_cfg}
     lines += ["[model]"] + [f"{k} = {v!r}".replace("'", '"') for k, v in model_items.items()]
     lines += ["[storage]", f'dir = "{path.parent / "state"}"']
-    lines += ["[cache]", f"enabled = {str(cache).lower()}", f'dir = "{path.parent / "semantic-cache"}"']
+    lines += ["[cache]", f"enabled = {str(bool(cache)).lower()}", f'dir = "{path.parent / "semantic-cache"}"']
+    if isinstance(cache, Mapping):  # settings beyond enabled = true
+        lines += [f"{k} = {v!r}".replace("'", '"') for k, v in cache.items()]
     for name, token in TOKENS.items():
         lines += ["[[tenants]]", f'name = "{name}"', f'token_sha256 = "{hash_token(token)}"']
     path.write_text("\n".join(lines) + "\n")

@@ -36,6 +36,8 @@ def test_defaults_serve_air_gapped() -> None:
         ('[[tenants]]\nname = "a b"\ntoken_sha256 = "00"', "$.tenants[0].name: must be 1-64"),
         ("[pricing]\ninput_per_mtok = -1.0", "$.pricing.input_per_mtok: must be >= 0"),
         ("[pricing]\ncolour = 1", "$.pricing: Object contains unknown field `colour`"),
+        ("[cache]\nthreshold = 1.5", "$.cache.threshold: must be in [0, 1] (0: the calibrated one)"),
+        ("[cache]\nembed_threads = -2", "$.cache.embed_threads: must be >= 0"),
         ("[server\n", "not valid TOML"),
     ],
 )
@@ -234,3 +236,14 @@ def test_hot_prefixes_pick_the_longest_shared_block_runs() -> None:
     full.note("acme", list(range(40)))
     full.note("acme", list(range(40)))
     assert [len(h.tokens) for h in full.hottest(2)] == [8]  # the memory bound stops new nodes
+
+
+def test_the_packaged_config_parses_and_keeps_the_defaults() -> None:
+    """packaging/appliance.toml (what the installer puts in /etc) is a valid config, and its cache and
+    model settings are the embedded defaults spelled out."""
+    path = Path(__file__).resolve().parents[1] / "packaging" / "appliance.toml"
+    cfg = parse_config(path.read_bytes(), str(path))
+    default = parse_config("")
+    assert cfg.model.kv_cache_mb == default.model.kv_cache_mb and cfg.model.threads == default.model.threads
+    assert (cfg.cache.embed_threads, cfg.cache.embedding_model, cfg.cache.threshold) == (0, "", 0.0)
+    assert cfg.cache.enabled and cfg.cache.ttl_s == default.cache.ttl_s

@@ -67,6 +67,7 @@ def shipped_threshold(embedder_version: str) -> float:
         known = ", ".join(shipped_calibrations()) or "none"
         raise ConfigError(
             f"no calibrated cache threshold ships for embedder {embedder_version!r} (calibrated: {known}); "
-            "set CacheConfig(threshold=...) after calibrating it (appliance cache calibrate)"
+            "calibrate it (`appliance cache calibrate --embedding-model FILE --csv DATA`) and set the threshold: "
+            "[cache] threshold in the service's config, CacheConfig(threshold=...) in Python"
         )
     return cal.threshold

@@ -271,10 +271,17 @@ class CacheConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # threads per query embedding; 0: one while the engine generates (two would spin-wait against it),
     # up to 4 of the CPUs the service may use while it is idle
     embed_threads: int = 0
+    # the embedding model: a manifest name or a .gguf path (any GGUF embedding model llama.cpp runs);
+    # empty: the provisioned all-MiniLM-L6-v2
+    embedding_model: str = ""
+    # cosine similarity a hit needs; 0: the threshold calibrated for the embedding model and shipped
+    # with the package (only all-MiniLM-L6-v2 has one: calibrate another with `appliance cache calibrate`)
+    threshold: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.ttl_s >= 0, "ttl_s", "must be >= 0")
         _check(self.embed_threads >= 0, "embed_threads", "must be >= 0")
+        _check(0.0 <= self.threshold <= 1.0, "threshold", "must be in [0, 1] (0: the calibrated one)")
 
     def path(self) -> Path:
         return Path(self.dir).expanduser() if self.dir else data_home() / "semantic-cache"

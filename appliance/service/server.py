@@ -20,6 +20,8 @@ from appliance.cache import CacheConfig as SemanticCacheConfig
 from appliance.cache import CacheError, GgufEmbedder, SemanticCache
 from appliance.cloud.pool import CloudPool
 from appliance.engine import default_threads
+from appliance.manifest import UnknownModelError
+from appliance.modelref import resolve_model
 from appliance.pipeline import Pipeline
 from appliance.route.budget import Budget
 from appliance.route.router import Router, load_model
@@ -188,16 +190,18 @@ class ApplianceServer:
         if not c.enabled:
             return PassThroughCache()
         try:
+            path = resolve_model(c.embedding_model or None, role="embedding")
             if c.embed_threads:
-                embedder = GgufEmbedder(n_threads=c.embed_threads)
+                embedder = GgufEmbedder(path, n_threads=c.embed_threads)
             else:
                 idle = min(4, default_threads())
-                embedder = GgufEmbedder(n_threads=1, n_threads_idle=idle, busy=lambda: backend.engine.busy)
-        except (CacheError, OSError) as e:
+                embedder = GgufEmbedder(path, n_threads=1, n_threads_idle=idle, busy=lambda: backend.engine.busy)
+        except (CacheError, OSError, UnknownModelError) as e:
             log.warning("semantic cache disabled: %s", e)
             return PassThroughCache()
         try:
-            cache = SemanticCache(c.path(), embedder, SemanticCacheConfig(), owns_embedder=True)
+            config = SemanticCacheConfig(threshold=c.threshold or None)
+            cache = SemanticCache(c.path(), embedder, config, owns_embedder=True)
         except (CacheError, OSError) as e:
             embedder.close()
             log.warning("semantic cache disabled: %s", e)

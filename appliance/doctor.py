@@ -98,6 +98,32 @@ def check_models(cfg: Config) -> list[Check]:
     return out
 
 
+def check_cache(cfg: Config) -> list[Check]:
+    """The semantic cache's embedding model and its threshold: without either the service runs with the
+    cache off (a WARN: requests are still served, only not from the cache)."""
+    from appliance.cache.config import shipped_calibrations
+    from appliance.cache.embedder import file_version
+    from appliance.manifest import ManifestError, UnknownModelError
+    from appliance.modelref import resolve_model
+
+    c = cfg.cache
+    if not c.enabled:
+        return [_ok("semantic cache", "disabled ([cache] enabled = false)")]
+    try:
+        path = resolve_model(c.embedding_model or None, role="embedding")
+    except (OSError, UnknownModelError, ManifestError) as e:
+        fix = "fix [cache] embedding_model" if c.embedding_model else "`appliance models pull all-minilm-l6-v2`"
+        return [Check("semantic cache", Level.WARN, f"off: {e}", fix)]
+    if c.threshold:
+        return [_ok("semantic cache", f"{path.name}, threshold {c.threshold} ([cache] threshold)")]
+    version = file_version(path)
+    cal = shipped_calibrations().get(version)
+    if cal is None:
+        fix = f"`appliance cache calibrate --embedding-model {path} --csv DATA`, then set [cache] threshold"
+        return [Check("semantic cache", Level.WARN, f"off: no calibrated threshold for {version}", fix)]
+    return [_ok("semantic cache", f"{path.name}, calibrated threshold {cal.threshold}")]
+
+
 # ---------------------------------------------------------------- permissions
 
 
@@ -267,6 +293,7 @@ def run_checks(config: str | None, service_user: str | None = None) -> list[Chec
         return checks
     steps: list[Callable[[], list[Check]]] = [
         lambda: check_models(cfg),
+        lambda: check_cache(cfg),
         lambda: check_permissions(cfg, path, service_user),
         lambda: check_cpu(ggml_cpu.cpu_flags()),
         lambda: [check_gpu()],

@@ -14,6 +14,7 @@ import pytest
 from appliance import ggml_cpu
 from appliance.doctor import (
     Level,
+    check_cache,
     check_config,
     check_cpu,
     check_disk,
@@ -167,3 +168,19 @@ def test_format_text_shows_fixes_and_counts() -> None:
         "       fix: free space",
         "0 failed, 1 warning(s), 1 ok",
     ]
+
+
+def test_cache_check_names_the_embedder_and_its_threshold(tmp_path: Path) -> None:
+    ok = check_cache(load_config(_config(tmp_path)))
+    assert [c.level for c in ok] == [Level.OK] and "calibrated threshold 0.92" in ok[0].detail
+    missing = check_cache(load_config(_config(tmp_path, f'[cache]\nembedding_model = "{tmp_path / "x.gguf"}"')))
+    assert missing[0].level is Level.WARN and "does not exist" in missing[0].detail
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"GGUF" + bytes(64))
+    uncal = check_cache(load_config(_config(tmp_path, f'[cache]\nembedding_model = "{other}"')))
+    assert uncal[0].level is Level.WARN and "no calibrated threshold for other.gguf:" in uncal[0].detail
+    assert "[cache] threshold" in uncal[0].fix
+    set_ = check_cache(load_config(_config(tmp_path, f'[cache]\nembedding_model = "{other}"\nthreshold = 0.9')))
+    assert set_[0].level is Level.OK and "threshold 0.9" in set_[0].detail
+    off = check_cache(load_config(_config(tmp_path, "[cache]\nenabled = false")))
+    assert off[0].level is Level.OK and "disabled" in off[0].detail

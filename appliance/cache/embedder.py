@@ -120,7 +120,7 @@ def quiet_llama_cpp() -> None:
         log.setLevel(logging.ERROR)
 
 
-def _file_version(path: Path) -> str:
+def file_version(path: Path) -> str:
     """Name plus a hash of the first and last MiB and the size: cheap, and changes with the weights."""
     h = hashlib.sha256()
     size = path.stat().st_size
@@ -165,7 +165,7 @@ class GgufEmbedder:
         self.path = Path(path) if path is not None else default_model_path()
         if not self.path.is_file():
             raise EmbedderError(f"embedding model {self.path} does not exist")
-        self._version = _file_version(self.path)
+        self._version = file_version(self.path)
         self._lock = threading.Lock()
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = 0

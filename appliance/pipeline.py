@@ -101,15 +101,16 @@ class Pipeline:
 
             routed = await self.routing.decide(req)
             cloud = self.routing.cloud(req.tenant)
-            # a cloud answer waits in the cloud lane, holding none of the local engine's slots (an
-            # overflow found after tokenizing, or an escalation by the cascade, keeps its lane)
+            # a cloud answer waits in the cloud lane, holding none of the local engine's slots; a route
+            # that changes later (an overflow, a budget, a cascade escalating, a cloud failing) moves
+            # the request to the other lane as _local / _cloud start
             lane: Lane = "cloud" if routed.route == "cloud" and cloud is not None else "local"
-            async with self.admission.slot(lane):
+            async with self.admission.slot(lane) as slot:
                 built = await self._build_context(req, session)
                 tokens = self._tokenize(req, built)
                 routed = await self.routing.within_budget(req, self._overflow(routed, tokens, cloud), len(tokens))
                 self._check_fits(req, routed, tokens)
-                out = Served(routed, self.backend.name, len(tokens), streamed=streamed)
+                out = Served(routed, self.backend.name, len(tokens), streamed=streamed, slot=slot)
                 try:
                     if routed.route == "cloud" and cloud is not None:
                         async for delta in self._cloud_or_local(req, built, tokens, cloud, out, t0):
@@ -159,6 +160,8 @@ class Pipeline:
         """The local model's answer, streamed into `out` (which says "cancelled" until it finishes).
         `scored`: the engine scores each token for the cascade (out.scores)."""
         out.finish = "cancelled"
+        if out.slot is not None:
+            await out.slot.move("local")
         if self.prefixes is not None:
             self.prefixes.note(req.tenant, tokens)
         options = msgspec.structs.replace(req.sampling, logprobs=True) if scored else req.sampling
@@ -185,6 +188,8 @@ class Pipeline:
         """The cloud's answer, streamed into `out`. A CloudError before any text leaves `out` as it was,
         marked degraded (reason cloud_error), and ends quietly, as does one after text that the client
         has not seen (a unary call); after streamed text it is Unavailable."""
+        if out.slot is not None:
+            await out.slot.move("cloud")
         messages = built.messages or [{"role": "user", "content": with_passages(req.prompt, built.passages)}]
         sent = False
         try:

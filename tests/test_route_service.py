@@ -283,3 +283,43 @@ def test_deadline_while_the_cascade_holds_the_answer_frees_the_kv(
         assert row["finish_reason"] == "cancelled" and row["route"] == "local"
     finally:
         assert srv.stop() == 0
+
+
+def test_an_escalated_request_waits_on_the_cloud_without_a_local_slot(tiny_model: Any, tmp_path: Path) -> None:
+    """One local slot (max_concurrent = 1): a request whose held answer the cascade cuts waits for a
+    slow cloud in the cloud lane, so a local request sent meanwhile is served before the cloud answers."""
+    import threading
+
+    from fake_cloud import Answer, FakeCloud, openai_stream
+
+    cloud = FakeCloud()
+    cloud.script = [Answer(events=openai_stream(["From ", "the cloud."]), stall_s=4.0)]
+    cfg = write_config(tmp_path / "appliance.toml", tiny_model("gemma3"), server={"max_concurrent": 1})
+    cfg.write_text(
+        cfg.read_text()
+        + f'[cloud]\nprovider = "openai"\nbase_url = "{cloud.url}"\nmodel = "gpt-x"\nmax_retries = 0\n'
+        + "[pricing]\ninput_per_mtok = 1.0\noutput_per_mtok = 5.0\n"
+    )
+    srv = ServerProcess(cfg)
+    done: list[str] = []
+    try:
+        with srv.client("acme") as c:
+
+            def escalating() -> None:
+                r = c.generate(messages=[("user", EASY)], max_tokens=40, temperature=0, cache_policy=1)
+                assert r.route == ROUTE_CLOUD and r.route_reason == "cascade", r
+                done.append("escalated")
+
+            t = threading.Thread(target=escalating)
+            t.start()
+            while not cloud.requests:  # the cascade has cut the local answer and called the cloud
+                assert t.is_alive()
+                threading.Event().wait(0.02)
+            local = c.generate(prompt="hello", max_tokens=4, temperature=0, route_policy=LOCAL_ONLY, cache_policy=1)
+            done.append("local")
+            t.join(30)
+        assert local.route == ROUTE_LOCAL
+        assert done == ["local", "escalated"]  # the local request did not wait for the escalated one's slot
+    finally:
+        assert srv.stop() == 0
+        cloud.close()

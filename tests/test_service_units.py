@@ -97,6 +97,57 @@ def test_cloud_requests_do_not_take_local_slots() -> None:
     asyncio.run(scenario())
 
 
+def test_a_request_moves_lanes_when_its_route_changes() -> None:
+    """An escalation frees its local slot for the next local request while it waits on the cloud; a move
+    into a full lane waits (holding nothing) instead of being refused, and a cancelled move leaks nothing."""
+
+    async def scenario() -> None:
+        adm = Admission(max_concurrent=1, max_queue=4, retry_after_ms=10, max_cloud=1)
+        escalated, cloud_gate, next_gate = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+        async def escalating() -> None:
+            async with adm.slot("local") as held:
+                await held.move("cloud")  # the cascade cut the local answer
+                assert held.lane == "cloud"
+                escalated.set()
+                await cloud_gate.wait()
+
+        async def local_next() -> None:
+            async with adm.slot("local") as held:
+                assert held.lane == "local"
+                await next_gate.wait()
+
+        first = asyncio.create_task(escalating())
+        await asyncio.wait_for(escalated.wait(), 1)
+        assert adm.lane_running == {"local": 0, "cloud": 1}
+        second = asyncio.create_task(local_next())  # gets the slot the escalation gave back
+        await asyncio.sleep(0)
+        assert adm.lane_running == {"local": 1, "cloud": 1}
+
+        async def blocked_move() -> None:
+            async with adm.slot("cloud") as held:  # queued: the cloud lane is full
+                await held.move("local")
+
+        third = asyncio.create_task(blocked_move())
+        await asyncio.sleep(0)
+        assert adm.waiting == 1
+        cloud_gate.set()
+        await first  # its cloud slot goes to the third, which then waits for the local lane
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert adm.lane_running == {"local": 1, "cloud": 0} and adm.waiting == 1
+        third.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await third
+        assert adm.lane_running == {"local": 1, "cloud": 0} and adm.waiting == 0
+        next_gate.set()
+        await second
+        await asyncio.wait_for(adm.wait_idle(), 1)
+        assert adm.lane_running == {"local": 0, "cloud": 0}
+
+    asyncio.run(scenario())
+
+
 def test_admission_bounds_the_queue_and_drains() -> None:
     async def scenario() -> None:
         adm = Admission(max_concurrent=1, max_queue=1, retry_after_ms=250)

@@ -32,7 +32,9 @@ class Admission:
         return sum(self.lane_running.values())
 
     @asynccontextmanager
-    async def slot(self, lane: Lane = "local") -> AsyncIterator[None]:
+    async def slot(self, lane: Lane = "local") -> AsyncIterator[Held]:
+        """A slot in `lane` for the request's lifetime; `Held.move` changes lanes when its route changes
+        (a cascade escalating to the cloud, a cloud failure answered locally)."""
         if self.closed:
             raise Unavailable("the server is shutting down")
         if self.lane_running[lane] >= self.limits[lane] and self.waiting >= self.max_queue:
@@ -51,12 +53,22 @@ class Admission:
             raise
         self.waiting -= 1
         self.lane_running[lane] += 1
+        held = Held(self, lane)
         try:
-            yield
+            yield held
         finally:
-            self.lane_running[lane] -= 1
-            self._slots[lane].release()
+            held.release()
             self._update_idle()
+
+    async def _move(self, held: Held, lane: Lane) -> None:
+        held.release()  # holds nothing while it waits, so two requests trading lanes cannot deadlock
+        self.waiting += 1
+        try:
+            await self._slots[lane].acquire()
+        finally:
+            self.waiting -= 1
+        self.lane_running[lane] += 1
+        held.lane = lane
 
     def _update_idle(self) -> None:
         if self.waiting == 0 and self.running == 0:
@@ -67,3 +79,22 @@ class Admission:
 
     async def wait_idle(self) -> None:
         await self._idle.wait()
+
+
+class Held:
+    """A request's admission slot: the lane it holds (None while it waits to move)."""
+
+    def __init__(self, admission: Admission, lane: Lane) -> None:
+        self._admission = admission
+        self.lane: Lane | None = lane
+
+    async def move(self, lane: Lane) -> None:
+        """Hold a slot of `lane` instead (waiting for one, never refused: the request was admitted)."""
+        if self.lane != lane:
+            await self._admission._move(self, lane)
+
+    def release(self) -> None:
+        if self.lane is not None:
+            self._admission.lane_running[self.lane] -= 1
+            self._admission._slots[self.lane].release()
+            self.lane = None

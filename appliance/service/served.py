@@ -8,13 +8,17 @@ from collections.abc import Callable
 from appliance.cloud.types import CloudUsage, Reply
 from appliance.route.cascade import TokenScores
 from appliance.route.stage import Routed
+from appliance.service.admission import Held
 from appliance.service.config import PricingConfig
 from appliance.service.types import RouteTaken, Usage
 
 
 class Served:
-    def __init__(self, routed: Routed, local_model: str, prompt_tokens: int, *, streamed: bool = True) -> None:
+    def __init__(
+        self, routed: Routed, local_model: str, prompt_tokens: int, *, streamed: bool = True, slot: Held | None = None
+    ) -> None:
         self.routed = routed
+        self.slot = slot  # its admission slot: moved to the lane of whichever backend works on it
         self.streamed = streamed  # the client sees text as it comes (else only the final answer)
         self.route: RouteTaken = "local"
         self.model = local_model

@@ -182,18 +182,19 @@ class Engine:
             budget = min(opts.max_tokens, self.n_ctx - len(tokens) + 1)
             for n in range(1, budget + 1):
                 tok = int(sampler.sample(self.context, history))
+                lp, ent = self.context.score(tok) if opts.logprobs else (None, None)
                 if self.vocab.is_eog(tok):
                     yield Chunk(None, stream.finish(), "stop")
                     return
                 text = stream.push(self.vocab.token_to_piece(tok))
                 if stream.stopped:
-                    yield Chunk(tok, text, "stop")
+                    yield Chunk(tok, text, "stop", logprob=lp, entropy=ent)
                     return
                 history.append(tok)
                 if n == budget:
-                    yield Chunk(tok, text + stream.finish(), "length")
+                    yield Chunk(tok, text + stream.finish(), "length", logprob=lp, entropy=ent)
                     return
-                yield Chunk(tok, text)
+                yield Chunk(tok, text, logprob=lp, entropy=ent)
                 self.context.decode([tok])
                 self._in_cache.append(tok)
 

@@ -25,7 +25,7 @@ class SamplingOptions(msgspec.Struct, frozen=True, kw_only=True):
     # model agrees with; "adaptive" lets confident tokens leave early (may differ from full depth)
     early_exit: ExitMode = "off"
     exit_threshold: float = -1.0  # adaptive: exit when confidence > this; < 0 uses the calibrated ones
-    # AsyncEngine: score each token (Chunk.logprob, Chunk.entropy); costs a pass over the vocabulary per
+    # score each token (Chunk.logprob, Chunk.entropy); costs a pass over the vocabulary per
     # token (about 1 ms for 262k tokens), so only the cascade's confidence check asks for it
     logprobs: bool = False
 

@@ -106,3 +106,33 @@ def test_special_tokens_roundtrip(engine: Engine) -> None:
     assert len(toks) < len(plain)
     assert "<start_of_turn>" in engine.detokenize(toks, special=True)
     assert "<start_of_turn>" not in engine.detokenize(toks)
+
+
+def test_logprobs_score_each_token_as_the_batching_engine_does(engine: Engine, tiny_model: Callable[..., Path]) -> None:
+    """SamplingOptions(logprobs=True) in the single-sequence Engine: each token's log-probability and
+    entropy at temperature 1, the same figures AsyncEngine gives for the same greedy continuation."""
+    import asyncio
+
+    from appliance.async_engine import AsyncEngine
+
+    opts = SamplingOptions(temperature=0.0, max_tokens=8, logprobs=True)
+    mine = [c for c in engine.generate("the quick brown", opts) if c.token is not None]
+    assert mine and all(c.logprob is not None and c.entropy is not None for c in mine)
+    assert all(c.logprob <= 0.0 and c.entropy >= 0.0 for c in mine)  # type: ignore[operator]
+    plain = [c for c in engine.generate("the quick brown", GREEDY) if c.token is not None]
+    assert all(c.logprob is None for c in plain)
+
+    batching = AsyncEngine(tiny_model("gemma3", "Q8_0"), n_blocks=64, n_threads=2)
+
+    async def collect() -> list[tuple[int | None, float | None, float | None]]:
+        return [(c.token, c.logprob, c.entropy) async for c in batching.generate("the quick brown", opts)]
+
+    try:
+        theirs = [t for t in asyncio.run(collect()) if t[0] is not None]
+    finally:
+        batching.close()
+    assert [c.token for c in mine] == [t[0] for t in theirs]
+    np.testing.assert_allclose([c.logprob for c in mine], [t[1] for t in theirs], atol=1e-3)
+    np.testing.assert_allclose([c.entropy for c in mine], [t[2] for t in theirs], atol=1e-3)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.context.score(-1)

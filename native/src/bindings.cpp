@@ -185,6 +185,15 @@ PYBIND11_MODULE(_native, m) {
         .def("truncate", &Context::truncate, py::arg("n_keep"), "Forget positions >= n_keep.")
         .def("logits", [](const Context & c, int64_t i) { return logits_array(c, output_index(c, i), 1).attr("reshape")(-1); },
              py::arg("i") = -1, "Logits (float32[n_vocab]) of output i of the last decode.")
+        .def("score", [](const Context & c, int64_t token, int64_t i) {
+                 if (token < 0 || token >= c.n_vocab()) {
+                     throw InvalidArgument("token " + std::to_string(token) + " is outside the vocabulary");
+                 }
+                 const TokenScore s = score_token(c.logits(output_index(c, i)), c.n_vocab(), static_cast<int32_t>(token));
+                 return py::make_tuple(s.logprob, s.entropy);
+             },
+             py::arg("token"), py::arg("i") = -1,
+             "(log-probability of token, entropy in nats) of output i's distribution at temperature 1.")
         .def("all_logits", [](const Context & c) { return logits_array(c, 0, c.n_outputs()); },
              "Logits of every output of the last decode, float32[n_outputs, n_vocab].")
         .def("set_shortlist", [](Context & c, const py::handle & tokens) {

@@ -224,3 +224,25 @@ def test_purge_drops_old_texts_and_keeps_the_rows(tmp_path: Path) -> None:
     assert row["replay"] is None and row["finish_reason"] == "stop"
     ledger.close()
     assert Ledger(tmp_path / "ledger.sqlite", "c", replay_window_s=0).rows("acme")[0]["request_hash"] == "h1"
+
+
+def test_recording_purges_expired_texts_on_its_timer(tmp_path: Path) -> None:
+    """Between restarts the texts past the window go at the next record once `purge_every_s` has passed
+    (300 s in the service), not only when the ledger opens."""
+
+    def result(rid: str) -> Result:
+        return Result(
+            request_id=rid, text=f"answer {rid}", route="local", model="m", finish_reason="stop", usage=Usage()
+        )
+
+    ledger = Ledger(tmp_path / "ledger.sqlite", "c", replay_window_s=0.2, purge_every_s=3600)
+    asyncio.run(ledger.record("acme", result("t-1"), "h"))
+    time.sleep(0.3)  # t-1's text is past the window, but the timer has not run out
+    asyncio.run(ledger.record("acme", result("t-2"), "h"))
+    assert {r["request_id"]: r["replay"] is not None for r in ledger.rows("acme")} == {"t-1": True, "t-2": True}
+    ledger.purge_every_s = 0.0  # the timer has run out
+    time.sleep(0.3)
+    asyncio.run(ledger.record("acme", result("t-3"), "h"))
+    kept = {r["request_id"]: r["replay"] is not None for r in ledger.rows("acme")}
+    assert kept == {"t-1": False, "t-2": False, "t-3": True}
+    ledger.close()

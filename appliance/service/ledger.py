@@ -96,10 +96,13 @@ class Totals(msgspec.Struct, kw_only=True):
 
 
 class Ledger:
-    def __init__(self, path: Path, cloud_model: str, replay_window_s: float = 86400.0) -> None:
+    def __init__(
+        self, path: Path, cloud_model: str, replay_window_s: float = 86400.0, purge_every_s: float = _PURGE_EVERY_S
+    ) -> None:
         self.path = path
         self.cloud_model = cloud_model
         self.replay_window_s = replay_window_s
+        self.purge_every_s = purge_every_s  # an insert purges expired texts when this long has passed
         self._conn = open_db(path, SCHEMA)
         self._lock = threading.Lock()
         have = {r[1] for r in self._conn.execute("PRAGMA table_info(requests)")}
@@ -119,7 +122,7 @@ class Ledger:
         u = result.usage
         keep = self.replay_window_s > 0 and result.finish_reason in REPLAYABLE
         replay = msgspec.json.encode(result).decode() if keep else None
-        if time.monotonic() - self._last_purge > _PURGE_EVERY_S:
+        if time.monotonic() - self._last_purge >= self.purge_every_s:
             self.purge_replays()
         with self._lock:
             cur = self._conn.execute(

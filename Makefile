@@ -22,7 +22,7 @@ NATIVE_SRC       := $(shell find native -name '*.cpp' -o -name '*.h' -o -name CM
 help:
 	@echo "make serve   set up .venv, build, provision the default models, start the gRPC service"
 	@echo "make test    lint, type-check, stub check and the test suite"
-	@echo "make bench   benchmark our engine against llama.cpp on the default model (JSON)"
+	@echo "make bench   benchmark our engine against llama.cpp on the default model, and the semantic cache (JSON)"
 	@echo "make bundle  the offline install bundle (build/bundle/appliance-*.tar.gz; docs/install.md)"
 	@echo "make test-bundle  build the bundle, install it offline into a temporary root, serve, upgrade, uninstall"
 

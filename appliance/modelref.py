@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from appliance.manifest import load_manifest
+from appliance.manifest import UnknownModelError, load_manifest
 from appliance.provision import model_path
 
 
 def resolve_model(ref: str | None, role: str = "generation") -> Path:
-    """The file to load. Raises FileNotFoundError saying how to provision it when it is missing."""
+    """The file to load. Raises FileNotFoundError saying how to provision it when it is missing, and
+    UnknownModelError for a name the manifest lacks or gives another role."""
     if ref is not None and (ref.endswith(".gguf") or "/" in ref):
         path = Path(ref).expanduser()
         if not path.is_file():
@@ -23,6 +24,11 @@ def resolve_model(ref: str | None, role: str = "generation") -> Path:
         spec = candidates[0]
     else:
         spec = manifest.get(ref)
+        if spec.role != role:
+            article = "an" if role[0] in "aeiou" else "a"
+            raise UnknownModelError(
+                f"model '{spec.name}' is a {spec.role} model; {article} {role} model is needed here"
+            )
     path = model_path(spec)
     if not path.is_file():
         raise FileNotFoundError(

@@ -182,5 +182,7 @@ def test_cache_check_names_the_embedder_and_its_threshold(tmp_path: Path) -> Non
     assert "[cache] threshold" in uncal[0].fix
     set_ = check_cache(load_config(_config(tmp_path, f'[cache]\nembedding_model = "{other}"\nthreshold = 0.9')))
     assert set_[0].level is Level.OK and "threshold 0.9" in set_[0].detail
+    wrong = check_cache(load_config(_config(tmp_path, '[cache]\nembedding_model = "gemma3-270m-q4km"')))
+    assert wrong[0].level is Level.WARN and "is a generation model; an embedding model is needed" in wrong[0].detail
     off = check_cache(load_config(_config(tmp_path, "[cache]\nenabled = false")))
     assert off[0].level is Level.OK and "disabled" in off[0].detail

@@ -49,8 +49,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     c.set_defaults(func=run_calibrate)
 
     b = csub.add_parser("bench", help="lookup latency with many entries")
-    b.add_argument("--entries", type=int, default=100_000)
-    b.add_argument("--lookups", type=int, default=300)
+    b.add_argument(
+        "--entries", type=int, default=100_000, help="synthetic entries to fill the partition with (default 100000)"
+    )
+    b.add_argument("--lookups", type=int, default=300, help="lookups to time (default 300)")
     b.add_argument(
         "--queries",
         type=Path,

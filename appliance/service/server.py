@@ -189,6 +189,7 @@ class ApplianceServer:
         c = self.cfg.cache
         if not c.enabled:
             return PassThroughCache()
+        embedder: GgufEmbedder | None = None
         try:
             path = resolve_model(c.embedding_model or None, role="embedding")
             if c.embed_threads:
@@ -196,14 +197,11 @@ class ApplianceServer:
             else:
                 idle = min(4, default_threads())
                 embedder = GgufEmbedder(path, n_threads=1, n_threads_idle=idle, busy=lambda: backend.engine.busy)
-        except (CacheError, OSError, UnknownModelError) as e:
-            log.warning("semantic cache disabled: %s", e)
-            return PassThroughCache()
-        try:
             config = SemanticCacheConfig(threshold=c.threshold or None)
             cache = SemanticCache(c.path(), embedder, config, owns_embedder=True)
-        except (CacheError, OSError) as e:
-            embedder.close()
+        except (CacheError, OSError, UnknownModelError) as e:
+            if embedder is not None:
+                embedder.close()
             log.warning("semantic cache disabled: %s", e)
             return PassThroughCache()
         return SemanticCacheStage(cache, backend.name, c.ttl_s or None)

@@ -160,10 +160,7 @@ def run_bench(args: argparse.Namespace) -> int:
             else list(dict.fromkeys(r.text for r in read_csv(args.queries, shuffle_seed=args.shuffle)))
         )
         with GgufEmbedder(args.embedding_model, n_threads=args.threads) as emb:
-            if queries is None:
-                res = bench(emb, entries=args.entries, lookups=args.lookups)
-            else:
-                res = bench(emb, entries=args.entries, lookups=args.lookups, queries=queries)
+            res = bench(emb, entries=args.entries, lookups=args.lookups, queries=queries)
     except CacheError as e:
         return _fail(e)
     _print(res, args.json)

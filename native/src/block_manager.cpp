@@ -48,19 +48,12 @@ std::vector<int32_t> BlockManager::match_prefix(const std::vector<int32_t> & tok
     for (uint32_t i = 0; i < max_blocks && (i + 1) * static_cast<size_t>(block_size_) <= tokens.size(); ++i) {
         const int32_t * t = tokens.data() + static_cast<size_t>(i) * block_size_;
         const uint64_t  h = hash_block(parent, t, block_size_, salt);
-        auto it = index_.find(h);
-        if (it == index_.end()) {
+        const int32_t   b = find_cached(h, t);  // -1 also on a hash collision: never serve it
+        if (b < 0) {
             break;
         }
-        Block & blk = blocks_[it->second];
-        if (std::memcmp(blk.tokens.data(), t, block_size_ * sizeof(int32_t)) != 0) {
-            break;  // a hash collision: never serve it
-        }
-        if (blk.ref == 0) {
-            take(it->second);
-        }
-        ++blk.ref;
-        out.push_back(it->second);
+        acquire(b);
+        out.push_back(b);
         hashes.push_back(h);
         parent = h;
     }

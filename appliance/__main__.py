@@ -1,3 +1,3 @@
-from appliance.cli import main
+from appliance.cli.main import main
 
 raise SystemExit(main())

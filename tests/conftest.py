@@ -37,7 +37,7 @@ def tiny_model(tiny_dir: Path) -> Iterator[object]:
 @pytest.fixture(scope="session")
 def default_model() -> Path:
     """The default generation model, provisioned by `make models` (`appliance models pull`)."""
-    from appliance.modelref import resolve_model
+    from appliance.models.modelref import resolve_model
 
     try:
         return resolve_model(None)

@@ -13,7 +13,7 @@ from unittest import mock
 import numpy as np
 import numpy.typing as npt
 
-from appliance.builders.safetensors_np import SafetensorsFile
+from appliance.models.builders.safetensors_np import SafetensorsFile
 
 F64 = npt.NDArray[np.float64]
 _erf = np.frompyfunc(math.erf, 1, 1)

@@ -9,8 +9,8 @@ import pytest
 from tinymodels import make_truncated, make_unknown_arch, make_wrong_shape, make_wrong_type
 
 from appliance import _native
-from appliance.engine import ContextOverflowError, Engine, ModelFormatError
-from appliance.sampling import SamplingOptions
+from appliance.engine.engine import ContextOverflowError, Engine, ModelFormatError
+from appliance.engine.sampling import SamplingOptions
 
 
 def test_truncated_gguf(tiny_model: Callable[..., Path], tmp_path: Path) -> None:
@@ -55,7 +55,7 @@ def test_not_a_gguf_and_missing_file(tmp_path: Path) -> None:
 def test_prompt_longer_than_context(tiny_model: Callable[..., Path]) -> None:
     engine = Engine(tiny_model("qwen3"), n_ctx=32, n_threads=1)
     long_prompt = "word " * 100
-    with pytest.raises(ContextOverflowError, match="longer than the context of 32"):
+    with pytest.raises(ContextOverflowError, match="too long: the longest sequence is 32 tokens"):
         next(engine.generate(long_prompt))
     # the context is still usable afterwards
     assert engine.generate_text("hello", SamplingOptions(max_tokens=4, temperature=0))

@@ -12,8 +12,8 @@ import pytest
 from greedy import first_divergence, ours_greedy
 
 from appliance import _native
-from appliance.async_engine import AsyncEngine
-from appliance.sampling import SamplingOptions
+from appliance.engine.async_engine import AsyncEngine
+from appliance.engine.sampling import SamplingOptions
 
 # ggml's batched mat-mul kernels differ from its one-token ones: on the default model the same
 # positions' logits differ by up to 1.39 between a batched and a token-by-token pass, in llama.cpp

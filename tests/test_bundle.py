@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.service.client import Client
+from appliance.edge.grpc.client import Client
 
 pytestmark = pytest.mark.bundle
 REPO = Path(__file__).resolve().parent.parent
@@ -175,9 +175,9 @@ def _doctor(root: Path) -> dict[str, dict[str, str]]:
 
 PORTABILITY_PROBE = """
 import sys
-from appliance import ggml_cpu
-from appliance.engine import Engine
-from appliance.sampling import SamplingOptions
+from appliance.models import ggml_cpu
+from appliance.engine.engine import Engine
+from appliance.engine.sampling import SamplingOptions
 import hnswlib, numpy as np
 print("variant", ggml_cpu.loaded().name if ggml_cpu.loaded() else ggml_cpu.error(), flush=True)
 eng = Engine(sys.argv[1], n_ctx=128, n_threads=2)
@@ -211,7 +211,7 @@ def _check_on_an_emulated_haswell(root: Path) -> None:
     assert "text '" in run.stdout and "hnswlib 0" in run.stdout
     # a forced AVX-512 variant is refused with a message, not run into SIGILL
     forced = subprocess.run(
-        [qemu, "-cpu", "Haswell", str(python), "-c", "from appliance import ggml_cpu; print(ggml_cpu.error())"],
+        [qemu, "-cpu", "Haswell", str(python), "-c", "from appliance.models import ggml_cpu; print(ggml_cpu.error())"],
         capture_output=True,
         text=True,
         env={**env, "APPLIANCE_GGML_CPU_VARIANT": "skylakex"},

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from appliance import cli_cache
 from appliance.cache import CacheConfig, GgufEmbedder, shipped_threshold
 from appliance.cache.bench import bench
 from appliance.cache.config import shipped_calibrations
 from appliance.cache.replay import read_csv, replay
+from appliance.cli import cache as cli_cache
 
 BANKING77 = Path(__file__).resolve().parents[2] / "shared" / "data" / "banking77" / "train.csv"
 

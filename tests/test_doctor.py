@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance import ggml_cpu
-from appliance.doctor import (
+from appliance.cli.doctor_checks import (
     Level,
     check_cache,
     check_config,
@@ -22,7 +21,8 @@ from appliance.doctor import (
     check_ports,
     format_text,
 )
-from appliance.service.config import load_config
+from appliance.common.config import load_config
+from appliance.models import ggml_cpu
 
 
 def _config(tmp_path: Path, extra: str = "") -> Path:
@@ -133,7 +133,7 @@ def test_doctor_command_exit_code_and_json(tmp_path: Path) -> None:
     path = _config(tmp_path)
     env = {**os.environ, "APPLIANCE_HOME": str(tmp_path / "home")}  # no models there
     run = subprocess.run(
-        [sys.executable, "-m", "appliance.cli", "doctor", "--json", "-c", str(path), "--service-user", ""],
+        [sys.executable, "-m", "appliance.cli.main", "doctor", "--json", "-c", str(path), "--service-user", ""],
         capture_output=True,
         text=True,
         env=env,
@@ -148,7 +148,7 @@ def test_doctor_command_exit_code_and_json(tmp_path: Path) -> None:
     assert "appliance models pull gemma3-270m-q4km" in by_name["model gemma3-270m-q4km"]["fix"]
     assert by_name["ggml cpu variant"]["level"] == "ok"
     text = subprocess.run(
-        [sys.executable, "-m", "appliance.cli", "doctor", "-c", str(path), "--service-user", ""],
+        [sys.executable, "-m", "appliance.cli.main", "doctor", "-c", str(path), "--service-user", ""],
         capture_output=True,
         text=True,
         env=env,
@@ -159,7 +159,7 @@ def test_doctor_command_exit_code_and_json(tmp_path: Path) -> None:
 
 
 def test_format_text_shows_fixes_and_counts() -> None:
-    from appliance.doctor import Check
+    from appliance.cli.doctor_checks import Check
 
     text = format_text([Check("gpu", Level.OK, "none"), Check("disk", Level.WARN, "0.1 GiB free", "free space")])
     assert text.splitlines() == [

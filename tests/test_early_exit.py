@@ -15,8 +15,9 @@ from greedy import first_divergence
 from test_batching import KERNEL_NOISE, PROMPTS
 
 from appliance import _native
-from appliance.async_engine import AsyncEngine
-from appliance.early_exit import (
+from appliance.engine.async_engine import AsyncEngine
+from appliance.engine.chunk import DecodeStats
+from appliance.engine.early_exit import (
     CalibrationError,
     build_shortlist,
     calibration_path,
@@ -25,9 +26,8 @@ from appliance.early_exit import (
     load_calibration,
     save_calibration,
 )
-from appliance.engine import DecodeStats
-from appliance.exit_calibrate import calibrate
-from appliance.sampling import ExitMode, SamplingOptions
+from appliance.engine.exit_calibrate import calibrate
+from appliance.engine.sampling import ExitMode, SamplingOptions
 
 TINY_PROMPTS = ["the quick brown fox", "hello world and", "one two three four", "a b c d e f", "zebra"]
 

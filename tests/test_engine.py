@@ -8,10 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from appliance import _native
-from appliance.engine import Engine
-from appliance.sampling import SamplingOptions
-from appliance.textstream import TextStream
+from appliance.engine.engine import Engine
+from appliance.engine.sampling import SamplingOptions
+from appliance.engine.textstream import TextStream
 
 GREEDY = SamplingOptions(temperature=0.0, max_tokens=24)
 
@@ -59,26 +58,23 @@ def test_seeded_sampling_is_reproducible(engine: Engine) -> None:
     assert len(outs) == 2
 
 
-def test_sampler_top_k_1_is_greedy(tiny_model: Callable[..., Path]) -> None:
-    path = tiny_model("qwen2")
-    model = _native.Model(str(path))
-    ctx = _native.Context(model, n_ctx=64, n_threads=1)
-    ctx.decode(list(_native.Vocab(str(path)).tokenize("the quick brown")))
-    greedy = int(np.argmax(ctx.logits()))
-    for seed in range(5):
-        s = _native.Sampler(model.n_vocab, temperature=1.5, top_k=1, seed=seed)
-        assert s.sample(ctx, []) == greedy
-    assert _native.Sampler(model.n_vocab, temperature=0.0).sample(ctx, []) == greedy
+def test_top_k_1_is_greedy_at_any_temperature(engine: Engine) -> None:
+    greedy = engine.generate_text("the quick brown", GREEDY)
+    for seed in range(3):
+        opts = SamplingOptions(temperature=1.5, top_k=1, top_p=1.0, min_p=0.0, seed=seed, max_tokens=24)
+        assert engine.generate_text("the quick brown", opts) == greedy
 
 
-def test_repeat_penalty_changes_greedy_choice(tiny_model: Callable[..., Path]) -> None:
-    path = tiny_model("qwen2")
-    model = _native.Model(str(path))
-    ctx = _native.Context(model, n_ctx=64, n_threads=1)
-    ctx.decode(list(_native.Vocab(str(path)).tokenize("the quick brown")))
-    greedy = int(np.argmax(ctx.logits()))
-    s = _native.Sampler(model.n_vocab, temperature=0.0, repeat_penalty=1000.0)
-    assert s.sample(ctx, [greedy]) != greedy
+def test_repeat_penalty_keeps_recent_tokens_out_of_a_greedy_choice(engine: Engine) -> None:
+    # a prompt whose greedy continuation repeats itself: the prompt plus 24 greedy tokens
+    base = engine.tokenize("the quick brown")
+    looped = base + [c.token for c in engine.generate(base, GREEDY) if c.token is not None]
+    one = SamplingOptions(temperature=0.0, max_tokens=1)
+    plain = next(c.token for c in engine.generate(looped, one) if c.token is not None)
+    penalised = SamplingOptions(temperature=0.0, max_tokens=1, repeat_penalty=10.0, repeat_last_n=64)
+    chosen = next(c.token for c in engine.generate(looped, penalised) if c.token is not None)
+    assert plain in looped[-64:]  # without the penalty, greedy repeats a recent token
+    assert chosen not in looped[-64:]
 
 
 def test_chat_template(engine: Engine) -> None:
@@ -108,12 +104,14 @@ def test_special_tokens_roundtrip(engine: Engine) -> None:
     assert "<start_of_turn>" not in engine.detokenize(toks)
 
 
-def test_logprobs_score_each_token_as_the_batching_engine_does(engine: Engine, tiny_model: Callable[..., Path]) -> None:
-    """SamplingOptions(logprobs=True) in the single-sequence Engine: each token's log-probability and
-    entropy at temperature 1, the same figures AsyncEngine gives for the same greedy continuation."""
+def test_engine_and_async_engine_give_the_same_tokens_and_scores(
+    engine: Engine, tiny_model: Callable[..., Path]
+) -> None:
+    """Engine and AsyncEngine are one generation path: with logprobs=True, the same greedy tokens
+    with the same log-probabilities and entropies at temperature 1."""
     import asyncio
 
-    from appliance.async_engine import AsyncEngine
+    from appliance.engine.async_engine import AsyncEngine
 
     opts = SamplingOptions(temperature=0.0, max_tokens=8, logprobs=True)
     mine = [c for c in engine.generate("the quick brown", opts) if c.token is not None]
@@ -134,5 +132,3 @@ def test_logprobs_score_each_token_as_the_batching_engine_does(engine: Engine, t
     assert [c.token for c in mine] == [t[0] for t in theirs]
     np.testing.assert_allclose([c.logprob for c in mine], [t[1] for t in theirs], atol=1e-3)
     np.testing.assert_allclose([c.entropy for c in mine], [t[2] for t in theirs], atol=1e-3)
-    with pytest.raises(ValueError, match="outside the vocabulary"):
-        engine.context.score(-1)

@@ -21,9 +21,10 @@ import msgspec
 import numpy as np
 import pytest
 
-from appliance import cli_models, provision
-from appliance.builders import minilm_gguf
-from appliance.manifest import (
+from appliance.cli import models as cli_models
+from appliance.models import provision
+from appliance.models.builders import minilm_gguf
+from appliance.models.manifest import (
     BuilderSource,
     Manifest,
     ManifestError,
@@ -32,7 +33,7 @@ from appliance.manifest import (
     find_manifest,
     load_manifest,
 )
-from appliance.provision import ChecksumError, SourceMissingError, Status
+from appliance.models.provision import ChecksumError, SourceMissingError, Status
 
 GEMMA = "gemma3-270m-q4km"
 MINILM = "all-minilm-l6-v2"
@@ -100,7 +101,7 @@ def test_repo_manifest_is_found_and_valid(manifest: Manifest) -> None:
     assert (minilm.role, minilm.architecture) == ("embedding", "bert")
     assert gemma.sha256 == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
     assert isinstance(minilm.source, BuilderSource)
-    assert minilm.source.builder == "appliance.builders.minilm_gguf"
+    assert minilm.source.builder == "appliance.models.builders.minilm_gguf"
     with pytest.raises(UnknownModelError, match="unknown model 'nope'"):
         manifest.get("nope")
 
@@ -125,7 +126,7 @@ module = "some_pkg"
 def _manifest_text(*models: dict[str, str]) -> str:
     text = "schema_version = 1\n"
     for overrides in models:
-        fields = {"sha": "0" * 64, "extra": "", "kind": "builder", "builder": "appliance.builders.minilm_gguf"}
+        fields = {"sha": "0" * 64, "extra": "", "kind": "builder", "builder": "appliance.models.builders.minilm_gguf"}
         fields.update(overrides)
         text += _GOOD_MODEL.format(**fields)
     return text
@@ -314,7 +315,7 @@ def test_progress_tty_and_log_modes() -> None:
 
 def test_project_modules_do_not_import_torch() -> None:
     code = (
-        "import sys, appliance.cli_models, appliance.provision, appliance.builders.minilm_gguf;"
+        "import sys, appliance.cli.models, appliance.models.provision, appliance.models.builders.minilm_gguf;"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in {'torch', 'transformers', 'safetensors'});"
         "assert not bad, bad"
     )

@@ -17,8 +17,8 @@ from appliance.cloud.client import CloudBackend, RetryPolicy, retry_after_s
 from appliance.cloud.openai import OpenAIProvider
 from appliance.cloud.provider import Provider
 from appliance.cloud.types import CloudError, Reply
-from appliance.sampling import SamplingOptions
-from appliance.service.config import CloudConfig, ConfigError, PricingConfig, parse_config
+from appliance.common.config import CloudConfig, ConfigError, PricingConfig, parse_config
+from appliance.engine.sampling import SamplingOptions
 
 OPTS = SamplingOptions(max_tokens=32, temperature=0)
 MESSAGES = [{"role": "user", "content": "hello"}]

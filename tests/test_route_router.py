@@ -15,18 +15,18 @@ from typing import Any
 
 import pytest
 
-from appliance import cli_route
 from appliance.cache import GgufEmbedder
+from appliance.cli import route as cli_route
+from appliance.common.config import BudgetConfig, Config, PricingConfig, RouteConfig, parse_config
+from appliance.common.errors import FailedPrecondition
+from appliance.common.ledger import Ledger
+from appliance.common.types import Request, Result, Usage
 from appliance.route.budget import Budget, month_start
 from appliance.route.cascade import TokenScores, assess, repetition
 from appliance.route.classifier import RouterModel, TrainingDataError, read_labelled, shipped_csv, train
 from appliance.route.features import extract
 from appliance.route.router import Router
 from appliance.route.stage import Routing
-from appliance.service.config import BudgetConfig, Config, PricingConfig, RouteConfig, parse_config
-from appliance.service.errors import FailedPrecondition
-from appliance.service.ledger import Ledger
-from appliance.service.types import Request, Result, Usage
 
 BANKING77 = Path(__file__).resolve().parents[2] / "shared" / "data" / "banking77" / "train.csv"
 HARD_HELD_OUT = shipped_csv().parent / "hard_eval.csv"

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from test_service_support import write_config
 
-from appliance.service.client import Client
+from appliance.edge.grpc.client import Client
 from appliance.service.sdnotify import Notifier, watchdog_interval
 
 
@@ -114,7 +114,7 @@ def test_serve_tells_systemd_ready_watchdog_and_stopping(
     log = tmp_path / "server.log"
     env = {**os.environ, "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"}  # a ping every 0.1 s
     proc = subprocess.Popen(
-        [sys.executable, "-m", "appliance.cli_serve", "serve", "-c", str(cfg)],
+        [sys.executable, "-m", "appliance.cli.serve", "serve", "-c", str(cfg)],
         stdout=subprocess.DEVNULL,
         stderr=log.open("wb"),
         env=env,

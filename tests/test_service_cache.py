@@ -149,7 +149,7 @@ def test_another_gguf_embedding_model_with_its_own_threshold(tiny_model: Callabl
 
     import llama_cpp
 
-    from appliance.modelref import resolve_model
+    from appliance.models.modelref import resolve_model
 
     other = tmp_path / "minilm-q8_0.gguf"
     params = llama_cpp.llama_model_quantize_default_params()

@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 from test_service_support import ServerProcess, write_config
 
-from appliance.service.sqlite import integrity_ok
+from appliance.common.sqlite import integrity_ok
 
 
 def test_kill9_under_load_keeps_every_acknowledged_request(tiny_model: Any, tmp_path: Path) -> None:

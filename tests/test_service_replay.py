@@ -14,9 +14,9 @@ import grpc
 import pytest
 from test_service_support import ServerProcess, write_config
 
-from appliance.service.errors import AlreadyExists, InvalidArgument
-from appliance.service.ledger import Ledger
-from appliance.service.types import Result, Usage
+from appliance.common.errors import AlreadyExists, InvalidArgument
+from appliance.common.ledger import Ledger
+from appliance.common.types import Result, Usage
 
 ROUTE_LOCAL = 2
 

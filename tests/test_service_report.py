@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from appliance.cli_serve import main
-from appliance.service.config import PricingConfig
-from appliance.service.ledger import Ledger
-from appliance.service.types import Result, RouteTaken, Usage
+from appliance.cli.serve import main
+from appliance.common.config import PricingConfig
+from appliance.common.ledger import Ledger
+from appliance.common.types import Result, RouteTaken, Usage
 
 
 def test_report_totals_savings_and_chart(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

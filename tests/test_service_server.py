@@ -17,7 +17,7 @@ import grpc
 import pytest
 from test_service_support import ServerProcess, write_config
 
-from appliance.service.client import Client
+from appliance.edge.grpc.client import Client
 
 
 def _free_port() -> int:

@@ -60,7 +60,7 @@ def test_chat_summarizes_older_turns_within_the_budget(default_model: Path, tmp_
 
 def test_chat_prompts_start_with_bos(default_model: Path) -> None:
     """The built-in gemma template leaves BOS out; the service adds it (without it the model babbles)."""
-    from appliance.service.local_backend import LocalBackend
+    from appliance.engine.local_backend import LocalBackend
 
     backend = LocalBackend.load(default_model, 512, 2, max_seqs=1, kv_cache_mb=16)
     try:

@@ -13,8 +13,8 @@ from typing import Any
 
 import grpc
 
+from appliance.edge.grpc.client import Client
 from appliance.service.auth import hash_token
-from appliance.service.client import Client
 
 TOKENS = {"acme": "acme-token-0123456789abcdef", "globex": "globex-token-0123456789abcdef"}
 
@@ -45,17 +45,18 @@ def write_config(
 
 
 class ServerProcess:
-    """`python -m appliance.cli_serve serve -c CONFIG` in a child process."""
+    """`python -m appliance.cli.serve serve -c CONFIG` in a child process."""
 
     def __init__(self, config: Path, argv_prefix: Sequence[str] = (sys.executable,)) -> None:
         self.config = config
         self.socket = config.parent / "s.sock"
         self.log = config.parent / "server.log"
         self.tcp_port: int | None = None
+        self.http_port: int | None = None  # the HTTP edge's, when the config enables it
         self.metrics = ""  # host:port of the metrics endpoint, when the test configured one
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
-            [*argv_prefix, "-m", "appliance.cli_serve", "serve", "-c", str(config)],
+            [*argv_prefix, "-m", "appliance.cli.serve", "serve", "-c", str(config)],
             stdout=subprocess.PIPE,
             stderr=self.log.open("wb"),
             env=env,
@@ -67,7 +68,9 @@ class ServerProcess:
             self.proc.kill()
             raise RuntimeError(f"server did not start: {line!r} {self.log.read_text()}")
         if "TCP port" in line:
-            self.tcp_port = int(line.split("TCP port ")[1].split(";")[0])
+            self.tcp_port = int(line.split("TCP port ")[1].split(";")[0].split()[0])
+        if "HTTP port" in line:
+            self.http_port = int(line.split("HTTP port ")[1].split(";")[0])
         self.wait_serving()
 
     @property

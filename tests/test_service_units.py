@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
+from appliance.common.config import Config, ConfigError, TenantConfig, load_config, parse_config
+from appliance.common.errors import InvalidArgument, Overloaded, PermissionDenied, Unauthenticated, Unavailable
+from appliance.common.history import HistoryStore, Session, StoredMessage
+from appliance.common.ledger import Ledger, sum_totals
+from appliance.common.types import ChatMessage, Passage, Result, RouteTaken, Usage
 from appliance.service.admission import Admission, Lane
 from appliance.service.auth import Authenticator, hash_token
-from appliance.service.config import Config, ConfigError, TenantConfig, load_config, parse_config
 from appliance.service.context import ContextBuilder, select_passages
-from appliance.service.errors import InvalidArgument, Overloaded, PermissionDenied, Unauthenticated, Unavailable
-from appliance.service.history import HistoryStore, Session, StoredMessage
-from appliance.service.ledger import Ledger, sum_totals
 from appliance.service.prefixes import HotPrefixes
-from appliance.service.types import ChatMessage, Passage, Result, RouteTaken, Usage
 
 
 def test_defaults_serve_air_gapped() -> None:

@@ -61,7 +61,7 @@ def write_service_config(
 
 def start_service(cfg: Path, sock: Path, log: Path, timeout: float = 120.0) -> subprocess.Popen[str]:
     """`appliance serve --config cfg` in a child process, returned once health says SERVING on `sock`."""
-    from appliance.service.client import Client
+    from appliance.edge.grpc.client import Client
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "appliance", "serve", "--config", str(cfg)],

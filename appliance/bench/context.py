@@ -27,14 +27,14 @@ from typing import Any
 
 import msgspec
 
-from appliance.engine import Chunk
-from appliance.sampling import SamplingOptions
-from appliance.service.config import ModelConfig
+from appliance.common.config import ModelConfig
+from appliance.common.history import HistoryStore, Session, StoredMessage
+from appliance.common.types import ChatMessage
+from appliance.engine.chunk import Chunk
+from appliance.engine.local_backend import LocalBackend
+from appliance.engine.sampling import SamplingOptions
 from appliance.service.context import ContextBuilder, Fold
-from appliance.service.history import HistoryStore, Session, StoredMessage
-from appliance.service.local_backend import LocalBackend
 from appliance.service.summarizer import Summarizer
-from appliance.service.types import ChatMessage
 
 SYSTEM = (
     "You are the virtual assistant of Northwind Bank. Be brief, polite and precise. Never ask for full card "

@@ -1,6 +1,6 @@
 """Early exit against full depth and against llama.cpp, in one run.
 
-Our engine serves the held-out prompts (appliance/data/early_exit_eval_prompts.txt, none used by
+Our engine serves the held-out prompts (appliance/engine/data/early_exit_eval_prompts.txt, none used by
 calibration) greedily, `concurrency` requests in flight at a time, once per mode: off (full depth),
 lossless (self-speculative, the engine's measured on/off policy included) and adaptive at three
 thresholds (the calibrated per-layer ones, then two fixed ones). Throughput is generated tokens over
@@ -22,8 +22,8 @@ import numpy as np
 
 from appliance import _native
 from appliance.bench.common import run_child
-from appliance.early_exit import ExitCalibration, load_calibration, packaged_prompts
-from appliance.engine import eog_tokens
+from appliance.engine.core import eog_tokens
+from appliance.engine.early_exit import ExitCalibration, load_calibration, packaged_prompts
 
 
 def serve_all(

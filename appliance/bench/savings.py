@@ -95,7 +95,7 @@ def _config(d: Path, model: str, threads: int, cloud_url: str, cloud_model: str,
 
 
 def _replay(target: str, workload: list[tuple[str, str]], w: Workload) -> float:
-    from appliance.service.client import Client
+    from appliance.edge.grpc.client import Client
 
     def client(mine: list[tuple[int, str, str]]) -> None:
         with Client.connect(target) as c:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.bench.common import start_service, write_service_config
-from appliance.sampling import SamplingOptions
+from appliance.engine.sampling import SamplingOptions
 
 CONCURRENCY = (1, 4, 8, 16)
 MAX_TOKENS = 16
@@ -53,7 +53,7 @@ def _cpu_s(pid: int) -> float:
 
 
 def _direct(model: str, threads: int, c: int, prompts: list[str]) -> dict[str, float]:
-    from appliance.async_engine import AsyncEngine
+    from appliance.engine.async_engine import AsyncEngine
 
     engine = AsyncEngine(model, n_threads=threads, max_seqs=16)
     opts = SamplingOptions(temperature=0.0, max_tokens=MAX_TOKENS)
@@ -88,7 +88,7 @@ def _start_server(model: str, threads: int, d: Path) -> subprocess.Popen[str]:
 
 
 def _service(target: str, c: int, prompts: list[str], server_pid: int) -> dict[str, float]:
-    from appliance.service.client import Client
+    from appliance.edge.grpc.client import Client
 
     latencies: list[float] = []
 

@@ -17,7 +17,7 @@ from appliance.cache.guards import conflict, signature
 from appliance.cache.indexset import IndexSet
 from appliance.cache.keys import Context, check_fingerprint, check_namespace, partition_key
 from appliance.cache.policy import Policy
-from appliance.cache.store import NewEntry, Store, now
+from appliance.cache.store import Entry, Store, now
 from appliance.cache.text import clean_text
 
 DB_NAME = "cache.sqlite3"
@@ -197,7 +197,7 @@ class SemanticCache:
             raise QueryError(f"ttl_s must be positive, got {ttl}")
         vec = self.embed(text)
         created = now()
-        entry = NewEntry(
+        entry = Entry(
             partition=key.partition,
             namespace=key.namespace,
             fingerprint=key.fingerprint,
@@ -236,12 +236,11 @@ class SemanticCache:
         created = now()
         ttl = self.config.ttl_s
         entries = [
-            NewEntry(
+            Entry(
                 key.partition,
                 key.namespace,
                 key.fingerprint,
                 key.context_key,
-                self.embedder.version,
                 self._clean(q),
                 v.astype("float32"),
                 r,
@@ -250,6 +249,7 @@ class SemanticCache:
                 0,
                 created,
                 None if ttl is None else created + ttl,
+                embedder=self.embedder.version,
             )
             for q, v, r in items
         ]

@@ -104,8 +104,8 @@ class MemoEmbedder:
 
 def default_model_path() -> Path:
     """The provisioned default embedding GGUF (``appliance models pull`` puts it there)."""
-    from appliance.manifest import load_manifest
-    from appliance.provision import model_path
+    from appliance.models.manifest import load_manifest
+    from appliance.models.provision import model_path
 
     path = model_path(load_manifest().get(DEFAULT_EMBEDDING_MODEL))
     if not path.is_file():

@@ -82,14 +82,16 @@ END;
 """
 
 _ROW = (
-    "id, partition, namespace, fingerprint, context_key, query, embedding, response, model, cost, tokens, created, "
-    "last_hit, hits, expires"
+    "partition, namespace, fingerprint, context_key, query, embedding, response, model, cost, tokens, created, "
+    "expires, embedder, id, last_hit, hits"
 )
 
 
 @dataclass(frozen=True)
-class Row:
-    id: int
+class Entry:
+    """One cached answer: as written (`id` 0 until the store gives one) and as read back (with its
+    id and hit counts)."""
+
     partition: str
     namespace: str
     fingerprint: str
@@ -101,26 +103,11 @@ class Row:
     cost: float
     tokens: int
     created: float
-    last_hit: float | None
-    hits: int
     expires: float | None
-
-
-@dataclass(frozen=True)
-class NewEntry:
-    partition: str
-    namespace: str
-    fingerprint: str
-    context_key: str
-    embedder: str
-    query: str
-    embedding: Vector
-    response: str
-    model: str
-    cost: float
-    tokens: int
-    created: float
-    expires: float | None
+    embedder: str = ""
+    id: int = 0
+    last_hit: float | None = None
+    hits: int = 0
 
     @property
     def size(self) -> int:
@@ -170,7 +157,7 @@ class Store:
 
     # ------------------------------------------------------------------ writes
 
-    def insert(self, entries: Sequence[NewEntry]) -> list[int]:
+    def insert(self, entries: Sequence[Entry]) -> list[int]:
         ids: list[int] = []
         with self._tx() as db:
             for e in entries:
@@ -227,7 +214,7 @@ class Store:
 
     # ------------------------------------------------------------------ reads
 
-    def rows(self, ids: Iterable[int]) -> dict[int, Row]:
+    def rows(self, ids: Iterable[int]) -> dict[int, Entry]:
         ids = list(ids)
         if not ids:
             return {}
@@ -236,7 +223,25 @@ class Store:
                 f"SELECT {_ROW} FROM entries WHERE id IN ({','.join('?' * len(ids))})", ids
             ).fetchall()
         return {
-            r[0]: Row(r[0], r[1], r[2], r[3], r[4], r[5], np.frombuffer(r[6], dtype=np.float32), *r[7:]) for r in got
+            r[13]: Entry(
+                r[0],
+                r[1],
+                r[2],
+                r[3],
+                r[4],
+                np.frombuffer(r[5], dtype=np.float32),
+                r[6],
+                r[7],
+                r[8],
+                r[9],
+                r[10],
+                r[11],
+                embedder=r[12],
+                id=r[13],
+                last_hit=r[14],
+                hits=r[15],
+            )
+            for r in got
         }
 
     def partition_of(self, entry_id: int) -> str | None:

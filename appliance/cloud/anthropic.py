@@ -9,7 +9,7 @@ from typing import Any
 
 from appliance.cloud.provider import Messages, StreamState, count, field
 from appliance.cloud.types import CloudError, CloudUsage, Reply, finish_word
-from appliance.sampling import SamplingOptions
+from appliance.engine.sampling import SamplingOptions
 
 API_VERSION = "2023-06-01"
 _BREAKPOINT = {"type": "ephemeral"}

@@ -21,7 +21,7 @@ from appliance.cloud.breaker import CircuitBreaker
 from appliance.cloud.provider import Messages, Provider, StreamParser
 from appliance.cloud.sse import sse_events
 from appliance.cloud.types import CloudError, Reply
-from appliance.sampling import SamplingOptions
+from appliance.engine.sampling import SamplingOptions
 
 log = logging.getLogger("appliance.cloud")
 RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504, 529})

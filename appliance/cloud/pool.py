@@ -11,7 +11,7 @@ from appliance.cloud.breaker import CircuitBreaker
 from appliance.cloud.client import CloudBackend, RetryPolicy
 from appliance.cloud.openai import OpenAIProvider
 from appliance.cloud.provider import Provider
-from appliance.service.config import CloudConfig, Config
+from appliance.common.config import CloudConfig, Config
 
 
 def make_provider(c: CloudConfig, where: str = "$.cloud") -> Provider:

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from appliance.cloud.types import CloudError, CloudUsage, Reply, finish_word
-from appliance.sampling import SamplingOptions
+from appliance.engine.sampling import SamplingOptions
 
 Messages = Sequence[Mapping[str, str]]
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 
-from appliance.service.config import BudgetConfig, PricingConfig
-from appliance.service.ledger import Ledger
+from appliance.common.config import BudgetConfig, PricingConfig
+from appliance.common.ledger import Ledger
 
 
 def month_start(now: dt.datetime | None = None) -> float:

@@ -14,7 +14,7 @@ import re
 
 import msgspec
 
-from appliance.service.config import RouteConfig
+from appliance.common.config import RouteConfig
 
 _WORD = re.compile(r"\w+", re.U)
 CHECK_EVERY = 16  # tokens between the checks of a held-back local answer (the service and cascade-eval)

@@ -11,10 +11,10 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from appliance.common.config import RouteConfig
+from appliance.engine.local_backend import LocalBackend
+from appliance.engine.sampling import SamplingOptions
 from appliance.route.cascade import CHECK_EVERY, TokenScores, assess
-from appliance.sampling import SamplingOptions
-from appliance.service.config import RouteConfig
-from appliance.service.local_backend import LocalBackend
 
 
 async def _answer(

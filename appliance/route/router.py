@@ -12,10 +12,10 @@ from typing import Literal
 import msgspec
 
 from appliance.cache.embedder import Embedder
-from appliance.provision import data_home
+from appliance.common.types import Request, RoutePolicy
+from appliance.models.provision import data_home
 from appliance.route.classifier import RouterModel, file_source, read_labelled, shipped_csv, train
 from appliance.route.features import extract
-from appliance.service.types import Request, RoutePolicy
 
 log = logging.getLogger("appliance.route")
 

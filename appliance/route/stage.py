@@ -8,11 +8,11 @@ import asyncio
 
 from appliance.cloud.client import CloudBackend
 from appliance.cloud.pool import CloudPool
+from appliance.common.config import Config
+from appliance.common.errors import FailedPrecondition
+from appliance.common.types import Request, RoutePolicy
 from appliance.route.budget import Budget
 from appliance.route.router import Decision, Router, routed_text
-from appliance.service.config import Config
-from appliance.service.errors import FailedPrecondition
-from appliance.service.types import Request, RoutePolicy
 
 
 class Routed(Decision, kw_only=True):

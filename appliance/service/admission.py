@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Literal
 
-from appliance.service.errors import Overloaded, Unavailable
+from appliance.common.errors import Overloaded, Unavailable
 
 Lane = Literal["local", "cloud"]
 

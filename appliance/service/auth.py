@@ -10,8 +10,8 @@ import hmac
 import secrets
 from collections.abc import Iterable, Sequence
 
-from appliance.service.config import TenantConfig
-from appliance.service.errors import PermissionDenied, Unauthenticated
+from appliance.common.config import TenantConfig
+from appliance.common.errors import PermissionDenied, Unauthenticated
 
 
 def hash_token(token: str) -> str:

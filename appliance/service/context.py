@@ -14,9 +14,9 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import msgspec
 
-from appliance.service.errors import InvalidArgument
-from appliance.service.history import Session, StoredMessage
-from appliance.service.types import ChatMessage, Passage
+from appliance.common.errors import InvalidArgument
+from appliance.common.history import Session, StoredMessage
+from appliance.common.types import ChatMessage, Passage
 
 MESSAGE_OVERHEAD = 4  # template tokens around each message (turn markers, role, newline)
 Fold = Callable[[str, Sequence[StoredMessage]], Awaitable[str]]

@@ -1,4 +1,5 @@
-"""Normalize stage: a protobuf GenerateRequest becomes a validated `Request`; an error names the field."""
+"""Normalize stage: a face's `GenerateInput` (from a protobuf GenerateRequest, an OpenAI or Ollama body)
+becomes a validated `Request`; an error names the field. The one validation path of every face."""
 
 from __future__ import annotations
 
@@ -6,20 +7,32 @@ import hashlib
 import math
 import re
 import uuid
-from typing import Any
+from typing import Any, get_args
 
 import msgspec
 
-from appliance.engine import to_utf8
-from appliance.sampling import ExitMode, SamplingOptions
-from appliance.service.errors import InvalidArgument
-from appliance.service.types import ROLES, CachePolicy, ChatMessage, Passage, Request, RoutePolicy
+from appliance.common.errors import InvalidArgument
+from appliance.common.types import (
+    ROLES,
+    CachePolicy,
+    ChatMessage,
+    GenerateInput,
+    Passage,
+    Request,
+    RoutePolicy,
+    SamplingInput,
+)
+from appliance.engine.core import to_utf8
+from appliance.engine.sampling import ExitMode, SamplingOptions
 
-_CACHE: dict[int, CachePolicy] = {0: "auto", 1: "skip", 2: "read_only"}
-_ROUTE: dict[int, RoutePolicy] = {0: "auto", 1: "local_only", 2: "cloud_only"}
-_EXIT: dict[int, ExitMode] = {1: "off", 2: "lossless", 3: "adaptive"}
+_CACHE: tuple[CachePolicy, ...] = get_args(CachePolicy)
+_ROUTE: tuple[RoutePolicy, ...] = get_args(RoutePolicy)
+_EXIT: tuple[ExitMode, ...] = get_args(ExitMode)
 _ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 MAX_STOP = 16
+MAX_USER = 256
+# integer ranges of the gRPC API's fields (uint32, uint64), for faces whose numbers are unbounded (JSON)
+_INT_RANGE = {"max_tokens": 2**32, "top_k": 2**32, "seed": 2**64}
 
 
 def _text(value: str, field: str) -> str:
@@ -29,32 +42,36 @@ def _text(value: str, field: str) -> str:
         raise InvalidArgument(field, str(e)) from None
 
 
-def _early_exit(msg: Any, default_exit: ExitMode | None) -> dict[str, Any]:
+def _early_exit(msg: SamplingInput, default_exit: ExitMode | None) -> dict[str, Any]:
     """default_exit: the server's mode, or None when the model has no early-exit calibration."""
-    if msg.early_exit != 0 and msg.early_exit not in _EXIT:
+    if msg.early_exit and msg.early_exit not in _EXIT:
         raise InvalidArgument("sampling.early_exit", f"unknown value {msg.early_exit}")
-    mode = _EXIT.get(msg.early_exit, default_exit or "off")
+    mode: ExitMode = next((m for m in _EXIT if m == msg.early_exit), default_exit or "off")
     if mode != "off" and default_exit is None:
         raise InvalidArgument(
             "sampling.early_exit", "the local model has no early-exit calibration (appliance models calibrate-exit)"
         )
     values: dict[str, Any] = {"early_exit": mode}
-    if msg.HasField("exit_threshold"):
+    if msg.exit_threshold is not None:
         if not (math.isfinite(msg.exit_threshold) and 0.0 <= msg.exit_threshold <= 1.0):
             raise InvalidArgument("sampling.exit_threshold", "must be in [0, 1]")
         values["exit_threshold"] = msg.exit_threshold
     return values
 
 
-def _sampling(msg: Any, default_max_tokens: int, default_exit: ExitMode | None) -> SamplingOptions:
+def _sampling(msg: SamplingInput, default_max_tokens: int, default_exit: ExitMode | None) -> SamplingOptions:
     base = SamplingOptions(max_tokens=default_max_tokens)
     values: dict[str, Any] = _early_exit(msg, default_exit)
     for name in ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed"):
-        if msg.HasField(name):
-            value = getattr(msg, name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise InvalidArgument(f"sampling.{name}", "must be a finite number")
-            values[name] = value
+        value = getattr(msg, name)
+        if value is None:
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidArgument(f"sampling.{name}", "must be a finite number")
+        if isinstance(value, int) and name in _INT_RANGE and not 0 <= value < _INT_RANGE[name]:
+            raise InvalidArgument(f"sampling.{name}", f"must be in [0, {_INT_RANGE[name]})")
+        values[name] = value
+    values["logprobs"] = msg.logprobs
     if len(msg.stop) > MAX_STOP:
         raise InvalidArgument("sampling.stop", f"at most {MAX_STOP} stop strings")
     values["stop"] = tuple(_text(s, f"sampling.stop[{i}]") for i, s in enumerate(msg.stop))
@@ -68,7 +85,7 @@ def _sampling(msg: Any, default_max_tokens: int, default_exit: ExitMode | None) 
 
 
 def normalize(
-    msg: Any, tenant: str, *, chat: bool, default_max_tokens: int, default_exit: ExitMode | None = None
+    msg: GenerateInput, tenant: str, *, chat: bool, default_max_tokens: int, default_exit: ExitMode | None = None
 ) -> Request:
     request_id = msg.request_id or uuid.uuid4().hex
     if not _ID.fullmatch(request_id):
@@ -95,13 +112,18 @@ def normalize(
         if not math.isfinite(c.score):
             raise InvalidArgument(f"context[{i}].score", "must be a finite number")
         passages.append(Passage(_text(c.text, f"context[{i}].text"), c.score))
-    if msg.cache_policy not in _CACHE:
+    cache_policy = next((p for p in _CACHE if p == msg.cache_policy), None)
+    if cache_policy is None:
         raise InvalidArgument("cache_policy", f"unknown value {msg.cache_policy}")
-    if msg.route_policy not in _ROUTE:
+    route_policy = next((p for p in _ROUTE if p == msg.route_policy), None)
+    if route_policy is None:
         raise InvalidArgument("route_policy", f"unknown value {msg.route_policy}")
-    max_cost = msg.max_cost if msg.HasField("max_cost") else None
+    max_cost = msg.max_cost
     if max_cost is not None and not (math.isfinite(max_cost) and max_cost >= 0):
         raise InvalidArgument("max_cost", "must be a finite number >= 0")
+    user = _text(msg.user, "user")
+    if len(user) > MAX_USER:
+        raise InvalidArgument("user", f"at most {MAX_USER} characters")
     return Request(
         request_id=request_id,
         tenant=tenant,
@@ -110,10 +132,11 @@ def normalize(
         session_id=msg.session_id,
         chat=chat,
         sampling=_sampling(msg.sampling, default_max_tokens, default_exit),
-        cache_policy=_CACHE[msg.cache_policy],
-        route_policy=_ROUTE[msg.route_policy],
+        cache_policy=cache_policy,
+        route_policy=route_policy,
         max_cost=max_cost,
         context=tuple(passages),
+        user=user,
     )
 
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from appliance.async_engine import AsyncEngine
+from appliance.engine.async_engine import AsyncEngine
 
 log = logging.getLogger("appliance.prefixes")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import msgspec
 
-from appliance.service.config import PricingConfig
+from appliance.common.config import PricingConfig
 
 _PERIODS = {"day": "%Y-%m-%d", "week": "%Y-W%W", "month": "%Y-%m", "all": "all"}
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from appliance.cloud.types import CloudUsage, Reply
+from appliance.common.config import PricingConfig
+from appliance.common.types import RouteTaken, Usage
 from appliance.route.cascade import TokenScores
 from appliance.route.stage import Routed
 from appliance.service.admission import Held
-from appliance.service.config import PricingConfig
-from appliance.service.types import RouteTaken, Usage
 
 
 class Served:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
 
-from appliance.engine import Chunk, ContextOverflowError
-from appliance.sampling import SamplingOptions
-from appliance.service.history import StoredMessage
+from appliance.common.history import StoredMessage
+from appliance.engine.chunk import Chunk
+from appliance.engine.core import ContextOverflowError
+from appliance.engine.sampling import SamplingOptions
 
 Generate = Callable[[Sequence[int], SamplingOptions], AsyncIterator[Chunk]]
 

@@ -1,0 +1,1 @@
+"""The command line (`appliance ...`): one module per sub-command, registered in `main.py`. The top layer."""

@@ -12,6 +12,7 @@ struct SeqView {
     const std::vector<int32_t> * blocks = nullptr;  // block ids, position p lives in blocks[p / block_size]
     uint32_t                     block_size = 0;
     const std::vector<int32_t> * swa_blocks = nullptr;  // the same for sliding-window layers (their own pool)
+    int32_t                      lora_slot  = 0;        // the runner's LoRA bank slot of its adapter (0: none)
 
     // precondition: p / block_size < blocks->size()
     int64_t cell(int32_t p) const {

@@ -2,9 +2,12 @@
 
 #include "clock.h"
 #include "error.h"
+#include "grammar.h"
 #include "model.h"
+#include "vocab.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 
@@ -68,8 +71,9 @@ BatchEngine::PoolSizes BatchEngine::pool_sizes(const Model & m, const BatchEngin
     return out;
 }
 
-BatchEngine::BatchEngine(const Model & model, const BatchEngineParams & params)
+BatchEngine::BatchEngine(const Model & model, const BatchEngineParams & params, const Vocab * vocab)
     : model_(model),
+      vocab_(vocab),
       params_(params),
       pools_(pool_sizes(model, params)),
       blocks_(pools_.n_blocks, params.block_size),
@@ -87,8 +91,58 @@ BatchEngine::BatchEngine(const Model & model, const BatchEngineParams & params)
     runner_.set_gather(params.gather_kv);
 }
 
-uint64_t BatchEngine::salt_for(const std::string & tenant) const {
-    return fnv1a(params_.model_key) ^ (fnv1a(tenant) * 0x9e3779b97f4a7c15ull);
+uint64_t BatchEngine::salt_for(const std::string & tenant, uint64_t adapter_identity) const {
+    return fnv1a(params_.model_key) ^ (fnv1a(tenant) * 0x9e3779b97f4a7c15ull) ^ (adapter_identity * 0xc2b2ae3d27d4eb4full);
+}
+
+int64_t BatchEngine::load_adapter(const std::string & path, float scale) {
+    APPL_REQUIRE(std::isfinite(scale), InvalidArgument, "adapter scale must be finite");
+    std::unique_ptr<LoraAdapter> ad   = LoraAdapter::load(model_, path, scale);
+    const int32_t                slot = runner_.add_adapter(*ad);
+    Adapter                      a;
+    a.slot              = slot;
+    a.info.id           = next_adapter_id_++;
+    a.info.path         = ad->path();
+    a.info.scale        = scale;
+    a.info.alpha        = ad->alpha();
+    a.info.rank         = ad->max_rank();
+    a.info.n_weights    = static_cast<uint32_t>(ad->weights().size());
+    a.info.content_hash = ad->content_hash();
+    a.info.identity     = ad->identity();
+    a.info.file_bytes   = ad->file_bytes();
+    const int64_t id    = a.info.id;
+    adapters_.emplace(id, std::move(a));
+    return id;
+}
+
+bool BatchEngine::unload_adapter(int64_t id) {
+    auto it = adapters_.find(id);
+    APPL_REQUIRE(it != adapters_.end(), InvalidArgument, "no adapter with id " + std::to_string(id) + " is loaded");
+    if (it->second.info.n_requests > 0) {
+        it->second.info.unloading = true;  // freed by forget() when its last request leaves
+        return false;
+    }
+    runner_.remove_adapter(it->second.slot);
+    adapters_.erase(it);
+    return true;
+}
+
+std::vector<AdapterInfo> BatchEngine::adapters() const {
+    std::vector<AdapterInfo> out;
+    for (const auto & [id, a] : adapters_) out.push_back(a.info);
+    std::sort(out.begin(), out.end(), [](const AdapterInfo & x, const AdapterInfo & y) { return x.id < y.id; });
+    return out;
+}
+
+void BatchEngine::forget(Sequence & s) {
+    if (s.adapter == 0) return;
+    auto it = adapters_.find(s.adapter);
+    GGML_ASSERT(it != adapters_.end() && it->second.info.n_requests > 0);
+    s.adapter = 0;
+    if (--it->second.info.n_requests == 0 && it->second.info.unloading) {
+        runner_.remove_adapter(it->second.slot);
+        adapters_.erase(it);
+    }
 }
 
 int64_t BatchEngine::submit(const Request & r) {
@@ -112,12 +166,33 @@ int64_t BatchEngine::submit(const Request & r) {
                      "adaptive early exit needs calibrated exit layers: none are configured");
         APPL_REQUIRE(r.exit_threshold <= 1.0f, InvalidArgument, "exit_threshold must be <= 1 (or < 0 for calibrated)");
     }
-    auto seq = std::make_unique<Sequence>(next_id_++, r.prompt, salt_for(r.tenant), r.sampling, n_vocab);
+    Adapter * ad = nullptr;
+    if (r.adapter != 0) {
+        auto it = adapters_.find(r.adapter);
+        APPL_REQUIRE(it != adapters_.end(), InvalidArgument, "no adapter with id " + std::to_string(r.adapter) + " is loaded");
+        APPL_REQUIRE(!it->second.info.unloading, InvalidArgument,
+                     "adapter " + std::to_string(r.adapter) + " is being unloaded");
+        ad = &it->second;
+    }
+    std::unique_ptr<Grammar> grammar;
+    if (!r.grammar.empty()) {
+        APPL_REQUIRE(vocab_ != nullptr, InvalidArgument, "a grammar needs the engine's vocabulary (BatchEngine's vocab)");
+        APPL_REQUIRE(vocab_->n_tokens() <= n_vocab, InvalidArgument, "the vocabulary does not match the model");
+        grammar = std::make_unique<Grammar>(*vocab_, r.grammar);  // InvalidArgument naming the problem
+    }
+    auto seq = std::make_unique<Sequence>(next_id_++, r.prompt, salt_for(r.tenant, ad ? ad->info.identity : 0),
+                                          r.sampling, n_vocab);
+    if (ad != nullptr) {
+        seq->adapter   = r.adapter;
+        seq->lora_slot = ad->slot;
+        ++ad->info.n_requests;
+    }
     seq->max_tokens     = r.max_tokens;
     seq->stop_at_eog    = r.stop_at_eog;
     seq->exit_mode      = r.exit_mode;
     seq->exit_threshold = r.exit_threshold;
     seq->logprobs       = r.logprobs;
+    seq->grammar        = std::move(grammar);
     Sequence * s = seq.get();
     seqs_.emplace(s->id, std::move(seq));
     sched_.add(s);
@@ -130,6 +205,7 @@ bool BatchEngine::cancel(int64_t id) {
         return false;
     }
     sched_.remove(it->second.get());
+    forget(*it->second);
     seqs_.erase(it);
     return true;
 }
@@ -145,6 +221,7 @@ void BatchEngine::finish(Sequence * s, const std::string & reason, std::vector<E
         ev = &events.back();
     }
     ev->finish_reason = reason;
+    forget(*s);
     seqs_.erase(s->id);
 }
 
@@ -164,15 +241,20 @@ void BatchEngine::advanced(Sequence & s) {
     sched_.slide_window(s);
 }
 
+int32_t BatchEngine::sample(Sequence & s, const float * row) {
+    return s.grammar ? s.grammar->sample(s.sampler, row, s.tokens) : s.sampler.sample(row, s.tokens);
+}
+
 TokenScore BatchEngine::score(const Sequence & s, const float * row, uint32_t n, int32_t idx) {
-    return s.logprobs ? score_token(row, static_cast<int32_t>(n), idx) : TokenScore{};
+    return s.logprobs && idx >= 0 ? score_token(row, static_cast<int32_t>(n), idx) : TokenScore{};
 }
 
 bool BatchEngine::emit(Sequence & s, int32_t tok, std::vector<Event> & events, TokenScore sc) {
-    if (eog_.count(tok) != 0 && s.stop_at_eog) {
+    if (tok < 0 || (eog_.count(tok) != 0 && s.stop_at_eog)) {  // tok < 0: the grammar allows nothing more
         finish(&s, "stop", events);
         return false;
     }
+    if (s.grammar) s.grammar->accept(tok);
     s.tokens.push_back(tok);
     for (auto it = events.rbegin(); it != events.rend(); ++it) {
         if (it->id == s.id) {
@@ -241,7 +323,7 @@ std::vector<Event> BatchEngine::step() {
             continue;  // mid-prompt chunk
         }
         const float * row = logits_.data() + out_row++ * model_.hp.n_vocab;
-        const int32_t tok = s.sampler.sample(row, s.tokens);
+        const int32_t tok = sample(s, row);
         events.push_back(Event{s.id, {}, "", s.n_prompt, s.n_prompt_cached});
         events.back().layers_run = model_.hp.n_layer;  // for the new token (a prompt's layers are not counted)
         events.back().exit_layers.push_back(static_cast<uint16_t>(model_.hp.n_layer));
@@ -285,6 +367,8 @@ BatchEngine::Stats BatchEngine::stats() const {
     s.accepted             = accepted_;
     s.adaptive_tokens      = adaptive_tokens_;
     s.exits_per_layer      = exits_per_layer_;
+    s.n_adapters           = static_cast<uint32_t>(adapters_.size());
+    s.adapter_bytes        = runner_.lora().bytes();
     return s;
 }
 
@@ -324,9 +408,16 @@ bool for_block_rows(const KvStorage & kv, const HParams & hp, bool swa, int32_t 
 
 // File: header, the prefix's token ids, then per block the K/V rows of the global layers, then, for
 // the blocks a token right after the prefix sees through its window, those of the windowed layers.
-uint32_t BatchEngine::save_prefix(const std::vector<int32_t> & tokens, const std::string & tenant, const std::string & path) {
+uint32_t BatchEngine::save_prefix(const std::vector<int32_t> & tokens, const std::string & tenant, const std::string & path,
+                                  int64_t adapter) {
+    uint64_t identity = 0;
+    if (adapter != 0) {
+        auto it = adapters_.find(adapter);
+        APPL_REQUIRE(it != adapters_.end(), InvalidArgument, "no adapter with id " + std::to_string(adapter) + " is loaded");
+        identity = it->second.info.identity;
+    }
     const uint32_t bs   = blocks_.block_size();
-    const uint64_t salt = salt_for(tenant);
+    const uint64_t salt = salt_for(tenant, identity);
     PrefixHit      hit  = sched_.match_prefix(tokens, salt, static_cast<uint32_t>(tokens.size() / bs));
     const uint32_t k    = static_cast<uint32_t>(hit.blocks.size());
     const uint32_t lo   = blocks_swa_ ? first_window_block(k * bs, model_.hp.n_swa, bs) : k;

@@ -5,6 +5,7 @@
 
 #include "batch.h"
 #include "block_manager.h"
+#include "lora.h"
 #include "model_runner.h"
 #include "scheduler.h"
 #include "sequence.h"
@@ -20,6 +21,7 @@
 namespace appliance {
 
 struct Model;
+class Vocab;
 
 struct BatchEngineParams {
     uint32_t             kv_cache_mb        = 256;  // memory for the paged KV cache
@@ -50,6 +52,25 @@ struct Request {
     ExitMode             exit_mode      = ExitMode::Off;
     float                exit_threshold = -1.0f;  // adaptive: exit when confidence > this; < 0: calibrated
     bool                 logprobs       = false;  // score each new token (Event::logprobs, Event::entropies)
+    int64_t              adapter        = 0;      // a loaded LoRA adapter's id (BatchEngine::load_adapter); 0: none
+    std::string          grammar;  // GBNF (root rule "root") every new token must follow; "": none. Needs the
+                                   // engine's vocabulary. Adaptive exits look at the grammar's allowed tokens
+                                   // only; lossless drafts ignore it (verification applies it: same output)
+};
+
+// A LoRA adapter the engine serves.
+struct AdapterInfo {
+    int64_t     id = 0;
+    std::string path;
+    float       scale        = 1.0f;  // the user scale it was loaded with
+    float       alpha        = 0.0f;
+    uint32_t    rank         = 0;     // its largest rank
+    uint32_t    n_weights    = 0;     // base weights it adapts
+    uint64_t    content_hash = 0;     // of the file's bytes
+    uint64_t    identity     = 0;     // content hash and scale: salts the prefix cache
+    size_t      file_bytes   = 0;
+    uint32_t    n_requests   = 0;     // requests (waiting or running) that use it
+    bool        unloading    = false; // unload_adapter was called while requests used it
 };
 
 // What a step produced for one request.
@@ -72,7 +93,9 @@ struct Event {
 
 class BatchEngine {
 public:
-    BatchEngine(const Model & model, const BatchEngineParams & params);
+    // vocab: the model's tokenizer (kept by the caller for the engine's lifetime); requests with a
+    // grammar need it
+    BatchEngine(const Model & model, const BatchEngineParams & params, const Vocab * vocab = nullptr);
 
     // Queues a request; returns its id. Throws InvalidArgument / ContextOverflowError for a request
     // that can never run (empty prompt, token ids outside the vocabulary, prompt longer than the
@@ -109,29 +132,53 @@ public:
         size_t   kv_bytes_per_token_swa;  // per position of the windowed layers' pool (only windows are kept)
         uint64_t spec_steps, plain_decode_steps, drafted, accepted, adaptive_tokens;
         std::vector<uint64_t> exits_per_layer;  // adaptive: tokens decided after each layer count [0, n_layer]
+        uint32_t n_adapters;     // LoRA adapters loaded (deferred unloads included)
+        size_t   adapter_bytes;  // device memory their stacks take (lora_bank.h)
     };
     Stats stats() const;
     // Hot prefixes across restarts: writes the K/V of the cached full blocks that start `tokens` under
     // `tenant` to `path` (returns how many tokens were saved), and reads such a file back into the
     // prefix cache (returns the tokens loaded; 0 when the cache lacks room). A file from another
     // model or block size is refused with ModelFormatError.
-    uint32_t save_prefix(const std::vector<int32_t> & tokens, const std::string & tenant, const std::string & path);
+    // The prefix's K/V under adapter `adapter` (0: none) is what is saved; its file loads into the cache
+    // under the same tenant and adapter identity (file content and scale), so it never serves others.
+    uint32_t save_prefix(const std::vector<int32_t> & tokens, const std::string & tenant, const std::string & path,
+                         int64_t adapter = 0);
     uint32_t load_prefix(const std::string & path);
+
+    // LoRA adapters (lora.h), served side by side: requests with different adapters, and without,
+    // share one forward pass. load_adapter checks the file against the model (ModelFormatError
+    // naming the offending key or tensor) and returns its id (>= 1, never reused). unload_adapter
+    // frees an adapter no request uses at once (returns true); while waiting or running requests use
+    // it, it defers: new requests naming it are refused from now on, and it is freed when the last
+    // of them finishes or is cancelled (returns false). InvalidArgument for an unknown id.
+    int64_t                  load_adapter(const std::string & path, float scale);
+    bool                     unload_adapter(int64_t id);
+    std::vector<AdapterInfo> adapters() const;
 
     // Block-pool invariants (every block free or held, ref counts match); "" when they hold.
     std::string check_invariants() const;
     const Timings & timings() const { return runner_.timings(); }
 
 private:
-    uint64_t        salt_for(const std::string & tenant) const;
+    // prefix-cache salt of a request: model, tenant and adapter identity (0: none; the base's salt
+    // is the same as before adapters existed, so saved prefix files stay valid)
+    uint64_t        salt_for(const std::string & tenant, uint64_t adapter_identity = 0) const;
+    // a sequence leaves the engine: its adapter loses a user (and goes if it was being unloaded)
+    void            forget(Sequence & s);
     void            finish(Sequence * s, const std::string & reason, std::vector<Event> & events);
     // After s.n_computed grew: registers its new full blocks in the prefix cache (both pools) and
     // gives back the windowed layers' blocks its window has left.
     void            advanced(Sequence & s);
-    SeqView         view(Sequence & s) const { return SeqView{&s.blocks, blocks_.block_size(), &s.swa_blocks}; }
+    SeqView         view(Sequence & s) const {
+        return SeqView{&s.blocks, blocks_.block_size(), &s.swa_blocks, s.lora_slot};
+    }
     // Appends tok to s, or finishes s on an end-of-generation token or at its length limit; false once
     // s is finished (and gone). The step's event for s must exist.
     bool            emit(Sequence & s, int32_t tok, std::vector<Event> & events, TokenScore score = {});
+    // the next token of s from a full-vocabulary row: its sampler, under its grammar when it has one
+    // (-1: the grammar allows no token)
+    static int32_t  sample(Sequence & s, const float * row);
     // the token's score when its request asked for one (a pass over the row), else NaNs
     static TokenScore score(const Sequence & s, const float * row, uint32_t n, int32_t idx);
     // early exit (early_exit.cpp)
@@ -142,6 +189,7 @@ private:
     void            check_exit_params() const;
 
     const Model &                                          model_;
+    const Vocab *                                          vocab_;  // nullptr: grammars are refused
     BatchEngineParams                                      params_;
     PoolSizes                                              pools_;
     BlockManager                                           blocks_;
@@ -158,6 +206,12 @@ private:
     uint64_t spec_steps_ = 0, plain_decode_steps_ = 0, drafted_ = 0, accepted_ = 0, adaptive_tokens_ = 0;
     std::vector<uint64_t>                                  exits_per_layer_;
     std::vector<float>                                     vocab_row_;  // scratch: a shortlist row spread over the vocabulary
+    struct Adapter {
+        AdapterInfo info;
+        int32_t     slot = 0;  // in the runner's LoRA bank
+    };
+    std::unordered_map<int64_t, Adapter>                   adapters_;
+    int64_t                                                next_adapter_id_ = 1;
 };
 
 }  // namespace appliance

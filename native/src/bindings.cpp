@@ -13,6 +13,7 @@
 #include "ggml-backend.h"
 
 #include <algorithm>
+#include <cstdio>
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -185,15 +186,6 @@ PYBIND11_MODULE(_native, m) {
         .def("truncate", &Context::truncate, py::arg("n_keep"), "Forget positions >= n_keep.")
         .def("logits", [](const Context & c, int64_t i) { return logits_array(c, output_index(c, i), 1).attr("reshape")(-1); },
              py::arg("i") = -1, "Logits (float32[n_vocab]) of output i of the last decode.")
-        .def("score", [](const Context & c, int64_t token, int64_t i) {
-                 if (token < 0 || token >= c.n_vocab()) {
-                     throw InvalidArgument("token " + std::to_string(token) + " is outside the vocabulary");
-                 }
-                 const TokenScore s = score_token(c.logits(output_index(c, i)), c.n_vocab(), static_cast<int32_t>(token));
-                 return py::make_tuple(s.logprob, s.entropy);
-             },
-             py::arg("token"), py::arg("i") = -1,
-             "(log-probability of token, entropy in nats) of output i's distribution at temperature 1.")
         .def("all_logits", [](const Context & c) { return logits_array(c, 0, c.n_outputs()); },
              "Logits of every output of the last decode, float32[n_outputs, n_vocab].")
         .def("set_shortlist", [](Context & c, const py::handle & tokens) {
@@ -261,13 +253,17 @@ PYBIND11_MODULE(_native, m) {
         .def_readonly("entropies", &Event::entropies,
                       "per new token when the request asked: the entropy in nats of the distribution it came from");
 
+    // registered before BatchEngine, whose constructor takes one
+    py::class_<Vocab> vocab_class(m, "Vocab", "Tokenizer and chat templates of a GGUF model, through libllama.");
+
     py::class_<BatchEngine>(m, "BatchEngine",
                             "Continuous batching over a paged KV cache with a prefix cache. Not thread-safe: "
                             "one thread submits, steps and cancels.")
         .def(py::init([](const Model & model, uint32_t kv_cache_mb, uint32_t n_blocks, uint32_t n_blocks_swa, uint32_t block_size,
                          uint32_t max_batched_tokens, uint32_t max_seqs, int n_threads, std::vector<int32_t> eog_tokens,
                          std::string model_key, std::vector<uint32_t> exit_layers, std::vector<float> exit_thresholds,
-                         uint32_t draft_exit_layer, uint32_t draft_max, bool always_draft, const std::string & gather_kv) {
+                         uint32_t draft_exit_layer, uint32_t draft_max, bool always_draft, const std::string & gather_kv,
+                         const Vocab * vocab) {
                  BatchEngineParams p;
                  p.kv_cache_mb        = kv_cache_mb;
                  p.n_blocks           = n_blocks;
@@ -288,7 +284,7 @@ PYBIND11_MODULE(_native, m) {
                  else if (gather_kv == "always") p.gather_kv = GatherPolicy::Always;
                  else throw InvalidArgument("gather_kv must be 'auto', 'never' or 'always', got '" + gather_kv + "'");
                  py::gil_scoped_release release;
-                 return std::make_unique<BatchEngine>(model, p);
+                 return std::make_unique<BatchEngine>(model, p, vocab);
              }),
              py::arg("model"), py::kw_only(), py::arg("kv_cache_mb") = 256, py::arg("n_blocks") = 0, py::arg("n_blocks_swa") = 0,
              py::arg("block_size") = 16,
@@ -296,13 +292,16 @@ PYBIND11_MODULE(_native, m) {
              py::arg("eog_tokens") = std::vector<int32_t>{}, py::arg("model_key") = "",
              py::arg("exit_layers") = std::vector<uint32_t>{}, py::arg("exit_thresholds") = std::vector<float>{},
              py::arg("draft_exit_layer") = 0, py::arg("draft_max") = 8, py::arg("always_draft") = false,
-             py::arg("gather_kv") = "auto",
-             py::keep_alive<1, 2>())
+             py::arg("gather_kv") = "auto", py::arg("vocab") = py::none(),
+             py::keep_alive<1, 2>(), py::keep_alive<1, 18>(),
+             "vocab: the model's Vocab, needed by requests with a grammar (the engine keeps it alive).")
         .def("submit", [](BatchEngine & e, const py::handle & prompt, uint32_t max_tokens, float temperature, int32_t top_k,
                           float top_p, float min_p, float repeat_penalty, int32_t repeat_last_n, uint64_t seed,
                           bool stop_at_eog, std::string tenant, const std::string & exit_mode, float exit_threshold,
-                          bool logprobs) {
+                          bool logprobs, int64_t adapter, std::string grammar) {
+                 if (adapter < 0) throw InvalidArgument("adapter must be an id from load_adapter, or 0 for none");
                  Request r;
+                 r.adapter        = adapter;
                  r.logprobs       = logprobs;
                  r.exit_mode      = parse_exit_mode(exit_mode);
                  r.exit_threshold = exit_threshold;
@@ -311,15 +310,57 @@ PYBIND11_MODULE(_native, m) {
                  r.sampling = sampling_params(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed);
                  r.stop_at_eog             = stop_at_eog;
                  r.tenant                  = std::move(tenant);
+                 r.grammar                 = std::move(grammar);
                  return e.submit(r);
              },
              py::arg("prompt"), py::kw_only(), py::arg("max_tokens") = 256, py::arg("temperature") = 0.8f,
              py::arg("top_k") = 40, py::arg("top_p") = 0.95f, py::arg("min_p") = 0.05f, py::arg("repeat_penalty") = 1.0f,
              py::arg("repeat_last_n") = 64, py::arg("seed") = 0, py::arg("stop_at_eog") = true, py::arg("tenant") = "",
              py::arg("exit_mode") = "off", py::arg("exit_threshold") = -1.0f, py::arg("logprobs") = false,
+             py::arg("adapter") = 0, py::arg("grammar") = "",
              "Queue a request (prompt token ids); returns its id. exit_mode: 'off', 'lossless' (self-speculative, "
              "same output) or 'adaptive' (confidence-based early exit; exit_threshold < 0 uses the calibrated ones). "
-             "logprobs: score every new token (Event.logprobs, Event.entropies; one pass over the vocabulary each).")
+             "logprobs: score every new token (Event.logprobs, Event.entropies; one pass over the vocabulary each). "
+             "adapter: a LoRA adapter id from load_adapter, 0 for the base model. "
+             "grammar: GBNF (root rule 'root') every new token must follow, '' for none; needs the engine's vocab; "
+             "ValueError naming the problem when libllama cannot parse it.")
+        .def("load_adapter", [](BatchEngine & e, const std::string & path, float scale) {
+                 py::gil_scoped_release release;
+                 return e.load_adapter(path, scale);
+             },
+             py::arg("path"), py::kw_only(), py::arg("scale") = 1.0f,
+             "Load a llama.cpp LoRA GGUF adapter onto the model (checked against it: ModelFormatError names the "
+             "offending key or tensor); returns its id (>= 1, never reused). Its term is scale * alpha / rank * B(A x).")
+        .def("unload_adapter", [](BatchEngine & e, int64_t id) {
+                 py::gil_scoped_release release;
+                 return e.unload_adapter(id);
+             },
+             py::arg("id"),
+             "Unload an adapter. True: freed now. False: deferred, because waiting or running requests use it; "
+             "new requests naming it are refused from now on and it is freed when the last of them finishes or is "
+             "cancelled. ValueError for an unknown id.")
+        .def("adapters", [](const BatchEngine & e) {
+                 py::list out;
+                 for (const AdapterInfo & a : e.adapters()) {
+                     py::dict d;
+                     d["id"]           = a.id;
+                     d["path"]         = a.path;
+                     d["scale"]        = a.scale;
+                     d["alpha"]        = a.alpha;
+                     d["rank"]         = a.rank;
+                     d["n_weights"]    = a.n_weights;
+                     char hex[17];
+                     std::snprintf(hex, sizeof(hex), "%016llx", static_cast<unsigned long long>(a.content_hash));
+                     d["content_hash"] = std::string(hex);
+                     d["file_bytes"]   = a.file_bytes;
+                     d["n_requests"]   = a.n_requests;
+                     d["unloading"]    = a.unloading;
+                     out.append(d);
+                 }
+                 return out;
+             },
+             "The loaded adapters, by id: id, path, scale, alpha, rank, n_weights, content_hash (hex), file_bytes, "
+             "n_requests (waiting or running), unloading (a deferred unload).")
         .def("cancel", &BatchEngine::cancel, py::arg("id"), "Drop a request now, freeing its KV blocks.")
         .def("step", [](BatchEngine & e) {
                  py::gil_scoped_release release;
@@ -361,15 +402,19 @@ PYBIND11_MODULE(_native, m) {
                  d["accepted"]             = s.accepted;
                  d["adaptive_tokens"]      = s.adaptive_tokens;
                  d["exits_per_layer"]      = s.exits_per_layer;
+                 d["n_adapters"]           = s.n_adapters;
+                 d["adapter_bytes"]        = s.adapter_bytes;
                  return d;
              })
-        .def("save_prefix", [](BatchEngine & e, const py::handle & tokens, const std::string & tenant, const std::string & path) {
+        .def("save_prefix", [](BatchEngine & e, const py::handle & tokens, const std::string & tenant, const std::string & path,
+                               int64_t adapter) {
                  std::vector<int32_t> t = as_tokens(tokens);
                  py::gil_scoped_release release;
-                 return e.save_prefix(t, tenant, path);
+                 return e.save_prefix(t, tenant, path, adapter);
              },
-             py::arg("tokens"), py::kw_only(), py::arg("tenant") = "", py::arg("path"),
-             "Write the cached K/V of the full blocks that start `tokens` (for `tenant`) to `path`; returns the tokens saved.")
+             py::arg("tokens"), py::kw_only(), py::arg("tenant") = "", py::arg("path"), py::arg("adapter") = 0,
+             "Write the cached K/V of the full blocks that start `tokens` (for `tenant`, under `adapter`, 0: none) to "
+             "`path`; returns the tokens saved.")
         .def("load_prefix", [](BatchEngine & e, const std::string & path) {
                  py::gil_scoped_release release;
                  return e.load_prefix(path);
@@ -380,24 +425,7 @@ PYBIND11_MODULE(_native, m) {
         .def("check_invariants", &BatchEngine::check_invariants,
              "Block-pool invariants: '' when every block is free or held and ref counts match.");
 
-    py::class_<Sampler>(m, "Sampler", "Picks next tokens from a context's logits.")
-        .def(py::init([](int32_t n_vocab, float temperature, int32_t top_k, float top_p, float min_p, float repeat_penalty,
-                         int32_t repeat_last_n, uint64_t seed) {
-                 const SamplingParams p = sampling_params(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed);
-                 return std::make_unique<Sampler>(p, n_vocab);
-             }),
-             py::arg("n_vocab"), py::kw_only(), py::arg("temperature") = 0.8f, py::arg("top_k") = 40, py::arg("top_p") = 0.95f,
-             py::arg("min_p") = 0.05f, py::arg("repeat_penalty") = 1.0f, py::arg("repeat_last_n") = 64, py::arg("seed") = 0)
-        .def("sample", [](Sampler & s, const Context & c, const std::vector<int32_t> & history, int64_t i) {
-                 const float * logits = c.logits(output_index(c, i));
-                 if (static_cast<uint32_t>(c.n_vocab()) == 0) throw InvalidArgument("empty vocabulary");
-                 py::gil_scoped_release release;
-                 return s.sample(logits, history);
-             },
-             py::arg("context"), py::arg("history") = std::vector<int32_t>{}, py::arg("i") = -1,
-             "Next token from output i of the context's last decode; history feeds the repetition penalty.");
-
-    py::class_<Vocab>(m, "Vocab", "Tokenizer and chat templates of a GGUF model, through libllama.")
+    vocab_class
         .def(py::init([](const std::string & path) {
                  py::gil_scoped_release release;
                  return std::make_unique<Vocab>(path);

@@ -1,24 +1,11 @@
 #include "block_manager.h"
 
+#include "hash.h"
+
 #include <cassert>
 #include <cstring>
 
 namespace appliance {
-
-namespace {
-
-inline uint64_t mix(uint64_t h, uint64_t v) {
-    // splitmix64 finaliser over a running combination
-    h ^= v + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2);
-    h ^= h >> 30;
-    h *= 0xbf58476d1ce4e5b9ull;
-    h ^= h >> 27;
-    h *= 0x94d049bb133111ebull;
-    h ^= h >> 31;
-    return h;
-}
-
-}  // namespace
 
 BlockManager::BlockManager(uint32_t n_blocks, uint32_t block_size) : block_size_(block_size), blocks_(n_blocks) {
     assert(n_blocks > 0 && block_size > 0);
@@ -28,9 +15,9 @@ BlockManager::BlockManager(uint32_t n_blocks, uint32_t block_size) : block_size_
 }
 
 uint64_t BlockManager::hash_block(uint64_t parent, const int32_t * tokens, uint32_t n, uint64_t salt) {
-    uint64_t h = mix(parent, salt);
+    uint64_t h = mix64(parent, salt);
     for (uint32_t i = 0; i < n; ++i) {
-        h = mix(h, static_cast<uint32_t>(tokens[i]));
+        h = mix64(h, static_cast<uint32_t>(tokens[i]));
     }
     return h == 0 ? 1 : h;  // 0 means "not cached"
 }

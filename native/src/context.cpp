@@ -134,9 +134,9 @@ void Context::probe_exits(const std::vector<int32_t> & tokens, const std::vector
             runner_.run(batch_, chunk_logits_, PassSpec{begin, exit_layers[x], Head::Shortlist, true, false});
             for (uint32_t i = 0; i < len; ++i) {
                 const float * row       = chunk_logits_.data() + static_cast<size_t>(i) * n_short;
-                const auto [conf, best] = top_prob(row, static_cast<int32_t>(n_short));
-                exit_top[(off + i) * n_exits + x]  = sl->tokens()[best];
-                exit_conf[(off + i) * n_exits + x] = conf;
+                const SoftmaxStats st = softmax_stats(row, static_cast<int32_t>(n_short));
+                exit_top[(off + i) * n_exits + x]  = sl->tokens()[st.best];
+                exit_conf[(off + i) * n_exits + x] = st.top_prob();
             }
             begin = exit_layers[x];
         }

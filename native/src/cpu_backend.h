@@ -1,6 +1,6 @@
 // The CPU backend reached through ggml's backend registry only, never by linking libggml-cpu: in a
 // GGML_BACKEND_DL build the CPU backend is one of several variant modules (haswell, skylakex, ...)
-// that the Python side picks for this CPU and loads at import (appliance/ggml_cpu.py). The same
+// that the Python side picks for this CPU and loads at import (appliance/models/ggml_cpu.py). The same
 // calls work in a build that links one CPU backend.
 #pragma once
 

@@ -13,6 +13,9 @@
 //   confidence (the top softmax probability over the shortlist); above the layer's threshold the
 //   token is emitted from there and the K/V of the layers it skipped are filled from its hidden state,
 //   otherwise it runs on to the next exit layer, and finally through the full network and head.
+// A request with a grammar (grammar.h): lossless drafts ignore it and verification samples under it,
+//   so the output is full depth's under the grammar (drafts it rules out are simply not accepted);
+//   adaptive exits weigh only the shortlisted tokens the grammar allows (none: on to the next layer).
 #include "batch_engine.h"
 
 #include "clock.h"
@@ -145,7 +148,7 @@ void BatchEngine::step_lossless(const std::vector<Scheduled> & plan, std::vector
         uint32_t accepted = 0;
         for (uint32_t i = 0; i < dr.k && alive; ++i) {
             const float * lrow = logits_.data() + (row + i) * n_vocab;
-            const int32_t tok  = s.sampler.sample(lrow, s.tokens);
+            const int32_t tok  = sample(s, lrow);
             s.n_computed += 1;  // position p0 + i held an accepted token: its K/V stand
             events[evi].exit_layers.push_back(static_cast<uint16_t>(L));
             ++emitted;
@@ -203,7 +206,8 @@ void BatchEngine::step_adaptive(const std::vector<Scheduled> & plan, std::vector
         emit(s, tok, events, sc);
     };
 
-    uint32_t begin = 0;
+    std::vector<float> masked;  // a grammar sequence's shortlist row
+    uint32_t           begin = 0;
     for (size_t x = 0; x < params_.exit_layers.size() && !active.empty(); ++x) {
         const uint32_t e = params_.exit_layers[x];
         run_active(PassSpec{begin, e, Head::Shortlist, /*keep_hidden=*/true, /*fill_kv=*/true});
@@ -212,8 +216,16 @@ void BatchEngine::step_adaptive(const std::vector<Scheduled> & plan, std::vector
             const uint32_t j   = active[r];
             Sequence &     s   = *plan[j].seq;
             const float *  row = logits_.data() + r * n_short;
+            if (s.grammar) {  // only the tokens the grammar allows: the confidence and the draw are theirs
+                masked.assign(row, row + n_short);
+                if (s.grammar->mask(masked.data(), static_cast<int32_t>(n_short), ids.data()) == 0) {
+                    stay.push_back(j);  // none shortlisted: the full head decides
+                    continue;
+                }
+                row = masked.data();
+            }
             const float    thr = s.exit_threshold >= 0.0f ? s.exit_threshold : params_.exit_thresholds[x];
-            if (top_prob(row, static_cast<int32_t>(n_short)).first > thr) {
+            if (softmax_stats(row, static_cast<int32_t>(n_short)).top_prob() > thr) {
                 TokenScore    sc;
                 const int32_t tok = sample_shortlist(s, row, &sc);
                 decide(j, tok, e, sc);
@@ -230,7 +242,7 @@ void BatchEngine::step_adaptive(const std::vector<Scheduled> & plan, std::vector
         for (size_t r = 0; r < last.size(); ++r) {
             Sequence & s = *plan[last[r]].seq;
             const float * lrow = logits_.data() + r * n_vocab;
-            const int32_t tok  = s.sampler.sample(lrow, s.tokens);
+            const int32_t tok  = sample(s, lrow);
             decide(last[r], tok, L, score(s, lrow, n_vocab, tok));
         }
     }

@@ -2,6 +2,7 @@
 
 #include "arch/arch.h"
 #include "kv_cache.h"
+#include "lora_bank.h"
 #include "model.h"
 
 #include <algorithm>
@@ -11,7 +12,7 @@ namespace appliance {
 
 GraphBuilder::GraphBuilder(ggml_context * ctx_, ggml_cgraph * gf_, const Model & m, const KvStorage & kv_,
                            const UBatchShape & ub_, const PassSpec & pass_, ggml_tensor * hidden_,
-                           ggml_tensor * shortlist_)
+                           ggml_tensor * shortlist_, const LoraBank * lora_)
     : model(m),
       hp(m.hp),
       ctx(ctx_),
@@ -21,7 +22,8 @@ GraphBuilder::GraphBuilder(ggml_context * ctx_, ggml_cgraph * gf_, const Model &
       pass(pass_),
       l_end(std::min(pass_.l_end, m.hp.n_layer)),
       hidden(hidden_),
-      shortlist(shortlist_) {
+      shortlist(shortlist_),
+      lora(lora_) {
     GGML_ASSERT(ub.n_tokens > 0 && ub.n_outputs > 0 && ub.n_outputs <= ub.n_tokens);
     GGML_ASSERT(ub.n_kv > 0 && (ub.gather || ub.n_kv <= kv.n_cells()));
     GGML_ASSERT(hp.has_swa() ? ub.n_kv_swa > 0 && (ub.gather_swa || ub.n_kv_swa <= kv.n_cells_swa())
@@ -30,6 +32,7 @@ GraphBuilder::GraphBuilder(ggml_context * ctx_, ggml_cgraph * gf_, const Model &
     GGML_ASSERT(pass.is_full() || ub.n_outputs == ub.n_tokens);  // partial passes output every token
     GGML_ASSERT((pass.l_begin == 0 && !pass.keep_hidden) || (hidden && hidden->ne[0] == hp.n_embd));
     GGML_ASSERT(pass.head != Head::Shortlist || (shortlist && shortlist->ne[0] == hp.n_embd));
+    GGML_ASSERT(!ub.lora || (lora != nullptr && !lora->empty()));
 
     const int64_t n = ub.n_tokens;
     inp_tokens      = new_input(GGML_TYPE_I32, n, 1, "inp_tokens");
@@ -45,6 +48,33 @@ GraphBuilder::GraphBuilder(ggml_context * ctx_, ggml_cgraph * gf_, const Model &
     if (ub.n_outputs < ub.n_tokens) inp_out_ids = new_input(GGML_TYPE_I32, ub.n_outputs, 1, "inp_out_ids");
     if (pass.l_begin > 0) inp_rows_get = new_input(GGML_TYPE_I32, n, 1, "inp_rows_get");
     if (pass.keep_hidden) inp_rows_set = new_input(GGML_TYPE_I64, n, 1, "inp_rows_set");
+    if (ub.lora) {
+        inp_lora_ids   = new_input(GGML_TYPE_I32, 1, n, "inp_lora_ids");
+        inp_lora_scale = new_input(GGML_TYPE_F32, 1, n, "inp_lora_scale");
+        if (ub.n_outputs < ub.n_tokens) {
+            inp_lora_ids_out   = new_input(GGML_TYPE_I32, 1, ub.n_outputs, "inp_lora_ids_out");
+            inp_lora_scale_out = new_input(GGML_TYPE_F32, 1, ub.n_outputs, "inp_lora_scale_out");
+        }
+    }
+}
+
+ggml_tensor * GraphBuilder::mm(ggml_tensor * w, ggml_tensor * x) {
+    ggml_tensor *             res = ggml_mul_mat(ctx, w, x);  // [n_out, n]
+    const LoraBank::Stack *   st  = ub.lora ? lora->stack_for(w) : nullptr;
+    if (st == nullptr) {
+        return res;
+    }
+    const int64_t n     = x->ne[1];
+    const bool    all   = n == ub.n_tokens;
+    ggml_tensor * ids   = all ? inp_lora_ids : inp_lora_ids_out;      // [1, n]
+    ggml_tensor * scale = all ? inp_lora_scale : inp_lora_scale_out;  // [1, n]
+    GGML_ASSERT(ids != nullptr && ids->ne[1] == n && scale != nullptr && x->ne[0] == w->ne[0]);
+    if (!ggml_is_contiguous(x)) x = ggml_cont(ctx, x);
+    ggml_tensor * x3 = ggml_reshape_3d(ctx, x, x->ne[0], 1, n);  // [n_in, 1, n]
+    ggml_tensor * t  = ggml_mul_mat_id(ctx, st->a, x3, ids);      // [rank, 1, n]
+    ggml_tensor * d  = ggml_mul_mat_id(ctx, st->b, t, ids);       // [n_out, 1, n]
+    d = ggml_mul(ctx, ggml_reshape_2d(ctx, d, d->ne[0], n), scale);  // [n_out, n], each row by its scale
+    return ggml_add(ctx, res, d);                                   // [n_out, n]
 }
 
 ggml_tensor * GraphBuilder::new_input(ggml_type type, int64_t ne0, int64_t ne1, const char * name) {
@@ -78,11 +108,11 @@ ggml_tensor * GraphBuilder::rope(ggml_tensor * x, uint32_t il) {
 
 void GraphBuilder::qkv(const LayerWeights & L, ggml_tensor * x, ggml_tensor ** q, ggml_tensor ** k, ggml_tensor ** v) {
     const int64_t n = ub.n_tokens;
-    ggml_tensor * Q = ggml_mul_mat(ctx, L.wq, x);  // [n_embd_q, n]
+    ggml_tensor * Q = mm(L.wq, x);  // [n_embd_q, n]
     if (L.bq) Q = ggml_add(ctx, Q, L.bq);
-    ggml_tensor * K = ggml_mul_mat(ctx, L.wk, x);  // [n_embd_k_gqa, n]
+    ggml_tensor * K = mm(L.wk, x);  // [n_embd_k_gqa, n]
     if (L.bk) K = ggml_add(ctx, K, L.bk);
-    ggml_tensor * V = ggml_mul_mat(ctx, L.wv, x);  // [n_embd_v_gqa, n]
+    ggml_tensor * V = mm(L.wv, x);  // [n_embd_v_gqa, n]
     if (L.bv) V = ggml_add(ctx, V, L.bv);
     *q = ggml_reshape_3d(ctx, Q, hp.head_dim_k, hp.n_head, n);     // [head_dim, n_head, n]
     *k = ggml_reshape_3d(ctx, K, hp.head_dim_k, hp.n_head_kv, n);  // [head_dim, n_head_kv, n]
@@ -103,9 +133,9 @@ void GraphBuilder::fill_kv(uint32_t il, ggml_tensor * x) {
     const LayerWeights & L = model.layers[il];
     const int64_t        n = ub.n_tokens;
     ggml_tensor *        h = rms_norm(x, L.attn_norm);  // [n_embd, n]
-    ggml_tensor *        K = ggml_mul_mat(ctx, L.wk, h);  // [n_embd_k_gqa, n]
+    ggml_tensor *        K = mm(L.wk, h);  // [n_embd_k_gqa, n]
     if (L.bk) K = ggml_add(ctx, K, L.bk);
-    ggml_tensor * V = ggml_mul_mat(ctx, L.wv, h);  // [n_embd_v_gqa, n]
+    ggml_tensor * V = mm(L.wv, h);  // [n_embd_v_gqa, n]
     if (L.bv) V = ggml_add(ctx, V, L.bv);
     K = ggml_reshape_3d(ctx, K, hp.head_dim_k, hp.n_head_kv, n);  // [head_dim, n_head_kv, n]
     V = ggml_reshape_3d(ctx, V, hp.head_dim_v, hp.n_head_kv, n);  // [head_dim, n_head_kv, n]
@@ -146,14 +176,14 @@ ggml_tensor * GraphBuilder::attention(uint32_t il, ggml_tensor * q, ggml_tensor 
     ggml_tensor * out  = ggml_flash_attn_ext(ctx, Q, K, V, mask, kq_scale, 0.0f, 0.0f);  // [head_dim, n_head, n]
     ggml_prec_set_acc(out, GGML_PREC_F32);
     out = ggml_reshape_2d(ctx, out, d * hp.n_head, n);  // [n_embd_q, n]
-    return ggml_mul_mat(ctx, model.layers[il].wo, out);  // [n_embd, n]
+    return mm(model.layers[il].wo, out);  // [n_embd, n]
 }
 
 ggml_tensor * GraphBuilder::ffn(const LayerWeights & L, ggml_tensor * x, FfnAct act) {
-    ggml_tensor * up   = ggml_mul_mat(ctx, L.ffn_up, x);    // [n_ff, n]
-    ggml_tensor * gate = ggml_mul_mat(ctx, L.ffn_gate, x);  // [n_ff, n]
+    ggml_tensor * up   = mm(L.ffn_up, x);    // [n_ff, n]
+    ggml_tensor * gate = mm(L.ffn_gate, x);  // [n_ff, n]
     ggml_tensor * h    = act == FfnAct::Silu ? ggml_swiglu_split(ctx, gate, up) : ggml_geglu_split(ctx, gate, up);
-    return ggml_mul_mat(ctx, L.ffn_down, h);  // [n_embd, n]
+    return mm(L.ffn_down, h);  // [n_embd, n]
 }
 
 ggml_tensor * GraphBuilder::select_outputs(ggml_tensor * x) {
@@ -162,7 +192,8 @@ ggml_tensor * GraphBuilder::select_outputs(ggml_tensor * x) {
 
 ggml_tensor * GraphBuilder::lm_head(ggml_tensor * x, ggml_tensor * head_w) {
     x = rms_norm(x, model.output_norm);
-    ggml_tensor * logits = ggml_mul_mat(ctx, head_w, x);  // [n_vocab or n_short, n_outputs]
+    // the shortlist's rows are not adapted: a draft's head; the full head (and verification) is
+    ggml_tensor * logits = mm(head_w, x);  // [n_vocab or n_short, n_outputs]
     if (hp.final_logit_softcap > 0.0f) {
         logits = ggml_scale(ctx, logits, 1.0f / hp.final_logit_softcap);
         logits = ggml_tanh(ctx, logits);

@@ -10,6 +10,7 @@
 namespace appliance {
 
 class KvStorage;
+class LoraBank;
 struct HParams;
 struct LayerWeights;
 struct Model;
@@ -23,10 +24,12 @@ struct UBatchShape {
     // gather: attention reads n_kv rows gathered from the pool (inp_kv_rows) instead of cells [0, n_kv)
     bool     gather     = false;
     bool     gather_swa = false;
+    // lora: some row has an adapter, so the adapted mat-muls add their LoRA term (inp_lora_ids)
+    bool     lora       = false;
 
     bool operator==(const UBatchShape & o) const {
         return n_tokens == o.n_tokens && n_outputs == o.n_outputs && n_kv == o.n_kv && n_kv_swa == o.n_kv_swa &&
-               gather == o.gather && gather_swa == o.gather_swa;
+               gather == o.gather && gather_swa == o.gather_swa && lora == o.lora;
     }
 };
 
@@ -55,9 +58,11 @@ struct PassSpec {
 class GraphBuilder {
 public:
     // hidden: [n_embd, n_rows] F32 store of hidden states between passes (needed when the pass
-    // keeps or reads them); shortlist: [n_embd, n_short] output rows of the shortlisted tokens
+    // keeps or reads them); shortlist: [n_embd, n_short] output rows of the shortlisted tokens;
+    // lora: the adapters (needed when ub.lora)
     GraphBuilder(ggml_context * ctx, ggml_cgraph * gf, const Model & m, const KvStorage & kv, const UBatchShape & ub,
-                 const PassSpec & pass = PassSpec{}, ggml_tensor * hidden = nullptr, ggml_tensor * shortlist = nullptr);
+                 const PassSpec & pass = PassSpec{}, ggml_tensor * hidden = nullptr, ggml_tensor * shortlist = nullptr,
+                 const LoraBank * lora = nullptr);
 
     const Model &       model;
     const HParams &     hp;
@@ -69,6 +74,7 @@ public:
     const uint32_t      l_end;  // pass.l_end clamped to n_layer
     ggml_tensor * const hidden;
     ggml_tensor * const shortlist;
+    const LoraBank *    lora;
 
     // graph inputs, filled by the runner once the graph is allocated
     ggml_tensor * inp_tokens   = nullptr;  // I32 [n_tokens]
@@ -82,10 +88,18 @@ public:
     ggml_tensor * inp_out_ids  = nullptr;  // I32 [n_outputs]  (nullptr when every token is an output)
     ggml_tensor * inp_rows_get = nullptr;  // I32 [n_tokens]   each token's row of `hidden` (read)
     ggml_tensor * inp_rows_set = nullptr;  // I64 [n_tokens]   the same rows (written)
+    ggml_tensor * inp_lora_ids = nullptr;  // I32 [1, n_tokens]  each token's adapter slot (0: none), when ub.lora
+    ggml_tensor * inp_lora_ids_out = nullptr;  // I32 [1, n_outputs]  the same for the output tokens (n_outputs < n_tokens)
+    ggml_tensor * inp_lora_scale = nullptr;      // F32 [1, n_tokens]  each token's adapter scale (0: none)
+    ggml_tensor * inp_lora_scale_out = nullptr;  // F32 [1, n_outputs] the same for the output tokens
 
     // a graph input [ne0] (ne1 == 1) or [ne0, ne1], filled by the runner
     ggml_tensor * new_input(ggml_type type, int64_t ne0, int64_t ne1, const char * name);
 
+    // w x for a weight matrix w [n_in, n_out] and x [n_in, n] (all tokens, or the output tokens
+    // after select_outputs), plus each row's adapter term scale * B[slot] (A[slot] x) when w is adapted
+    // -> [n_out, n]
+    ggml_tensor * mm(ggml_tensor * w, ggml_tensor * x);
     // token embeddings scaled by hp.embd_scale: [n_embd, n_tokens]
     ggml_tensor * embed_tokens();
     // x * rsqrt(mean(x^2) + eps) * w, along dim 0

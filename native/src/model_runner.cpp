@@ -28,7 +28,8 @@ ModelRunner::ModelRunner(const Model & model, uint32_t n_cells, uint32_t n_cells
     : model_(model),
       kv_(model, std::max<uint32_t>(n_cells, 1), std::max<uint32_t>(n_cells_swa, 1)),
       max_tokens_(std::min({max_tokens, n_cells, model.hp.has_swa() ? n_cells_swa : n_cells})),
-      n_threads_(n_threads) {
+      n_threads_(n_threads),
+      lora_(model) {
     APPL_REQUIRE(n_cells > 0, InvalidArgument, "the KV cache needs at least one cell");
     APPL_REQUIRE(max_tokens > 0, InvalidArgument, "batch size must be positive");
     APPL_REQUIRE(n_threads > 0, InvalidArgument, "n_threads must be positive, got " + std::to_string(n_threads));
@@ -106,7 +107,8 @@ std::unique_ptr<ModelRunner::BuiltGraph> ModelRunner::build(Slot & slot, const U
     bg->ctx   = ggml_init(p);
     bg->gf    = ggml_new_graph_custom(bg->ctx, max_nodes_, false);
     bg->shape = shape;
-    GraphBuilder g(bg->ctx, bg->gf, model_, kv_, shape, slot.pass, hidden_, shortlist_ ? shortlist_->weights() : nullptr);
+    GraphBuilder g(bg->ctx, bg->gf, model_, kv_, shape, slot.pass, hidden_, shortlist_ ? shortlist_->weights() : nullptr,
+                   &lora_);
     bg->logits = build_pass(g);  // [n_vocab or n_short, n_outputs], or the hidden state when no head
     ggml_build_forward_expand(bg->gf, bg->logits);
     bg->tokens   = g.inp_tokens;
@@ -120,7 +122,31 @@ std::unique_ptr<ModelRunner::BuiltGraph> ModelRunner::build(Slot & slot, const U
     bg->out_ids  = g.inp_out_ids;
     bg->rows_get = g.inp_rows_get;
     bg->rows_set = g.inp_rows_set;
+    bg->lora_ids = g.inp_lora_ids;
+    bg->lora_ids_out = g.inp_lora_ids_out;
+    bg->lora_scale     = g.inp_lora_scale;
+    bg->lora_scale_out = g.inp_lora_scale_out;
     return bg;
+}
+
+void ModelRunner::drop_graphs() {
+    for (auto & s : slots_) {
+        s->graph.reset();
+        ggml_backend_sched_reset(s->sched);
+    }
+}
+
+int32_t ModelRunner::add_adapter(const LoraAdapter & ad) {
+    const uint64_t gen  = lora_.generation();
+    const int32_t  slot = lora_.add(ad);
+    if (lora_.generation() != gen) drop_graphs();
+    return slot;
+}
+
+void ModelRunner::remove_adapter(int32_t slot) {
+    const uint64_t gen = lora_.generation();
+    lora_.remove(slot);
+    if (lora_.generation() != gen) drop_graphs();
 }
 
 ModelRunner::~ModelRunner() {
@@ -189,8 +215,26 @@ void ModelRunner::run(const Batch & batch, std::vector<float> & logits, const Pa
     plan_span(batch, 0, kv_.n_cells(), hp.n_head, gather_, span_);
     if (swa) plan_span(batch, hp.n_swa, kv_.n_cells_swa(), hp.n_head, gather_, span_swa_);
 
+    // each token's adapter slot, and each output's; the LoRA terms are built only when some row has one
+    bool with_lora = false;
+    lora_ids_.resize(n);
+    for (uint32_t i = 0; i < n; ++i) {
+        lora_ids_[i] = batch.views[batch.seq[i]].lora_slot;
+        GGML_ASSERT(lora_ids_[i] >= 0 && static_cast<uint32_t>(lora_ids_[i]) < std::max<uint32_t>(lora_.n_slots(), 1));
+        with_lora |= lora_ids_[i] != 0;
+    }
+    lora_ids_out_.resize(n_outputs);
+    for (uint32_t j = 0; j < n_outputs; ++j) lora_ids_out_[j] = lora_ids_[batch.out_ids[j]];
+    if (with_lora) {
+        lora_scale_.resize(n);
+        for (uint32_t i = 0; i < n; ++i) lora_scale_[i] = lora_.slot_scale(lora_ids_[i]);
+        lora_scale_out_.resize(n_outputs);
+        for (uint32_t j = 0; j < n_outputs; ++j) lora_scale_out_[j] = lora_scale_[batch.out_ids[j]];
+    }
+
     const uint64_t    t0 = now_us();
-    const UBatchShape shape{n, n_outputs, span_.n_kv, swa ? span_swa_.n_kv : 0, span_.gather, swa && span_swa_.gather};
+    const UBatchShape shape{n, n_outputs, span_.n_kv, swa ? span_swa_.n_kv : 0, span_.gather, swa && span_swa_.gather,
+                            with_lora};
     Slot &            slot = slot_for(pass);
     if (!slot.graph || !(slot.graph->shape == shape)) {
         slot.graph = build(slot, shape);
@@ -223,6 +267,10 @@ void ModelRunner::run(const Batch & batch, std::vector<float> & logits, const Pa
     if (g.rows_get) {
         ggml_backend_tensor_set(g.rows_get, batch.hidden_rows.data(), 0, n * sizeof(int32_t));
     }
+    if (g.lora_ids) set_input(g.lora_ids, lora_ids_.data(), n * sizeof(int32_t));
+    if (g.lora_ids_out) set_input(g.lora_ids_out, lora_ids_out_.data(), n_outputs * sizeof(int32_t));
+    if (g.lora_scale) set_input(g.lora_scale, lora_scale_.data(), n * sizeof(float));
+    if (g.lora_scale_out) set_input(g.lora_scale_out, lora_scale_out_.data(), n_outputs * sizeof(float));
     if (g.rows_set) {
         rows64_.assign(batch.hidden_rows.begin(), batch.hidden_rows.end());
         ggml_backend_tensor_set(g.rows_set, rows64_.data(), 0, n * sizeof(int64_t));

@@ -7,6 +7,7 @@
 #include "ggml-backend.h"
 #include "graph.h"
 #include "kv_cache.h"
+#include "lora_bank.h"
 #include "shortlist.h"
 
 #include <cstdint>
@@ -44,11 +45,19 @@ public:
     // the shortlist head; nothing for Head::None).
     // A partial pass (early exit) reads or keeps hidden states in rows batch.hidden_rows of the
     // runner's hidden store.
+    // Each token's sequence view names its LoRA bank slot (0: no adapter).
     // Preconditions: 0 < batch.size() <= max_tokens, !out_ids.empty(), every cell < n_cells (the
     // sliding-window table covers each token's window, within n_cells_swa); for a
     // partial pass every token is an output and has a hidden row < n_hidden_rows(); a shortlist head
     // needs set_shortlist() first.
     void run(const Batch & batch, std::vector<float> & logits, const PassSpec & pass = PassSpec{});
+
+    // LoRA adapters: uploads one into the bank (returns its slot, >= 1) or frees a slot. Graphs built
+    // against stacks the bank reallocated are dropped. Throws RuntimeFailure when memory runs out.
+    // Precondition of remove_adapter: no batch run from now on names the slot.
+    int32_t           add_adapter(const LoraAdapter & ad);
+    void              remove_adapter(int32_t slot);
+    const LoraBank &  lora() const { return lora_; }
 
     // The shortlisted head early exit uses (replaces any earlier one). Throws InvalidArgument.
     void              set_shortlist(const std::vector<int32_t> & tokens);
@@ -75,7 +84,8 @@ private:
         ggml_cgraph *  gf  = nullptr;
         UBatchShape    shape;
         ggml_tensor *  tokens = nullptr, *pos = nullptr, *kv_idx = nullptr, *kv_idx_swa = nullptr, *kv_rows = nullptr, *kv_rows_swa = nullptr, *mask = nullptr, *mask_swa = nullptr,
-                    *out_ids = nullptr, *rows_get = nullptr, *rows_set = nullptr, *logits = nullptr;
+                    *out_ids = nullptr, *rows_get = nullptr, *rows_set = nullptr, *lora_ids = nullptr,
+                    *lora_ids_out = nullptr, *lora_scale = nullptr, *lora_scale_out = nullptr, *logits = nullptr;
         ~BuiltGraph();
     };
     // One kind of pass (PassSpec) and its last graph, with its own scheduler and compute buffers,
@@ -89,6 +99,7 @@ private:
     };
     Slot &                      slot_for(const PassSpec & pass);
     std::unique_ptr<BuiltGraph> build(Slot & slot, const UBatchShape & shape);
+    void                        drop_graphs();  // after the bank reallocated its stacks
 
     const Model &               model_;
     KvStorage                   kv_;
@@ -100,6 +111,7 @@ private:
     size_t                      max_nodes_;
     std::vector<std::unique_ptr<Slot>> slots_;  // slots_[0]: the full pass
     std::unique_ptr<Shortlist>  shortlist_;
+    LoraBank                    lora_;
     ggml_context *              hidden_ctx_ = nullptr;
     ggml_backend_buffer_t       hidden_buf_ = nullptr;
     ggml_tensor *               hidden_     = nullptr;  // [n_embd, max_tokens] F32
@@ -107,6 +119,8 @@ private:
     // scratch, reused across passes
     std::vector<ggml_fp16_t> mask_, mask_swa_;
     std::vector<int64_t>     cells_, cells_swa_, rows64_;
+    std::vector<int32_t>     lora_ids_, lora_ids_out_;
+    std::vector<float>       lora_scale_, lora_scale_out_;
     AttnSpan                 span_, span_swa_;
     GatherPolicy             gather_ = GatherPolicy::Auto;
 };

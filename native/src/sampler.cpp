@@ -21,13 +21,6 @@ int32_t argmax(const float * logits, int32_t n) {
     return best;
 }
 
-std::pair<float, int32_t> top_prob(const float * logits, int32_t n) {
-    const int32_t best = argmax(logits, n);
-    double        sum  = 0.0;
-    for (int32_t i = 0; i < n; ++i) sum += std::exp(static_cast<double>(logits[i] - logits[best]));
-    return {static_cast<float>(1.0 / sum), best};
-}
-
 namespace {
 
 // e^x for x in [-87, 0], branch-free so the compiler vectorizes the loop that calls it: 2^(x log2 e)
@@ -53,8 +46,8 @@ inline float exp_nonpos(float x) {
 
 }  // namespace
 
-TokenScore score_token(const float * logits, int32_t n, int32_t idx) {
-    assert(n > 0 && idx >= 0 && idx < n);
+SoftmaxStats softmax_stats(const float * logits, int32_t n) {
+    assert(n > 0);
     // every loop below is branch-free over 8 independent lanes, so the compiler vectorizes it
     constexpr int32_t kLanes = 8;
     const int32_t     n8     = n / kLanes * kLanes;
@@ -90,8 +83,19 @@ TokenScore score_token(const float * logits, int32_t n, int32_t idx) {
         zs += z[k];
         zls += zl[k];
     }
-    const float log_z = std::log(zs);
-    return TokenScore{logits[idx] - mx - log_z, log_z - zls / zs};
+    SoftmaxStats out;
+    out.max_logit = mx;
+    out.log_z     = std::log(zs);
+    out.entropy   = out.log_z - zls / zs;
+    out.best      = 0;
+    while (logits[out.best] != mx) ++out.best;  // the lowest index holding the maximum (n > 0, mx is in the row)
+    return out;
+}
+
+TokenScore score_token(const float * logits, int32_t n, int32_t idx) {
+    assert(n > 0 && idx >= 0 && idx < n);
+    const SoftmaxStats st = softmax_stats(logits, n);
+    return TokenScore{st.logprob(logits[idx]), st.entropy};
 }
 
 Sampler::Sampler(const SamplingParams & p, int32_t n_vocab) : params_(p), n_vocab_(n_vocab), rng_(p.seed) {

@@ -30,6 +30,7 @@ public:
     int32_t sample(const float * logits, const std::vector<int32_t> & history);
 
     const SamplingParams & params() const { return params_; }
+    int32_t                n_vocab() const { return n_vocab_; }
 
 private:
     struct Cand {
@@ -46,9 +47,6 @@ private:
 // index of the largest logit (lowest index on ties)
 int32_t argmax(const float * logits, int32_t n);
 
-// the largest softmax probability over logits[0..n) and its index (early exit's confidence)
-std::pair<float, int32_t> top_prob(const float * logits, int32_t n);
-
 // How sure the model was of a token: under softmax(logits[0..n)) at temperature 1, before any
 // penalty or truncation, the token's log-probability and the distribution's entropy (nats).
 // The cascade's confidence check reads these; they cost one pass over the row.
@@ -58,5 +56,18 @@ struct TokenScore {
 };
 // precondition: 0 <= idx < n
 TokenScore score_token(const float * logits, int32_t n, int32_t idx);
+
+// softmax(logits[0..n)) at temperature 1 in one vectorised pass: the largest logit and its (lowest)
+// index, log Z relative to that maximum, and the entropy (nats). Early exit's confidence is
+// top_prob(), the cascade's token scores are logprob() and entropy. precondition: n > 0
+struct SoftmaxStats {
+    int32_t best      = 0;
+    float   max_logit = 0.0f;
+    float   log_z     = 0.0f;  // log sum_i e^(l_i - max_logit)
+    float   entropy   = 0.0f;
+    float   top_prob() const { return std::exp(-log_z); }
+    float   logprob(float logit) const { return logit - max_logit - log_z; }
+};
+SoftmaxStats softmax_stats(const float * logits, int32_t n);
 
 }  // namespace appliance

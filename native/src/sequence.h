@@ -2,9 +2,11 @@
 // table, its sampler and limits.
 #pragma once
 
+#include "grammar.h"
 #include "sampler.h"
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -28,10 +30,13 @@ struct Sequence {
     std::vector<int32_t> swa_blocks;          // the sliding-window layers' block table (models with such
                                               // layers): -1 where the window has moved past the block
     std::vector<uint64_t> block_hashes;       // chained hashes of the leading full blocks
-    uint64_t             salt;                // model + tenant: keys the prefix cache
+    uint64_t             salt;                // model + tenant + adapter: keys the prefix cache
+    int64_t              adapter   = 0;       // the engine's adapter id (0: none)
+    int32_t              lora_slot = 0;       // its slot in the runner's LoRA bank (0: none)
     uint32_t             max_tokens = 256;
     bool                 stop_at_eog = true;
     Sampler              sampler;
+    std::unique_ptr<Grammar> grammar;         // constrains every sampled token (nullptr: none)
     SeqStatus            status = SeqStatus::Waiting;
     std::string          finish_reason;       // "stop", "length" once finished
     uint32_t             n_prompt_cached = 0; // prompt tokens the prefix cache served at first schedule

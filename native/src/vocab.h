@@ -31,6 +31,8 @@ public:
     int32_t eot() const;
     bool    is_eog(int32_t token) const;
     bool    add_bos() const;
+    // libllama's vocabulary (grammar.h builds its grammar samplers on it); lives as long as this
+    const llama_vocab * raw() const { return vocab_; }
 
     // the template stored in the file, or "" when it has none
     std::string chat_template() const;

@@ -152,12 +152,15 @@ def test_tiny_pool_preempts_and_finishes_everything(tiny_model: Callable[..., Pa
     assert stats["n_free_blocks"] == stats["n_blocks"]
 
 
-@pytest.mark.parametrize(("arch", "wtype", "n_blocks_swa"), [("qwen3", "Q4_0", 0), ("gemma3", "Q8_0", 9)])
-def test_random_arrivals_cancels_keep_pool_invariants(
-    tiny_model: Callable[..., Path], arch: str, wtype: str, n_blocks_swa: int
-) -> None:
-    """Both pools for gemma3: its windowed pool of 9 blocks is the tighter one."""
-    path = tiny_model(arch, wtype)
+def random_traffic(
+    path: Path,
+    n_blocks_swa: int,
+    seed: int,
+    steps: int,
+    adapters: Callable[[_native.BatchEngine, random.Random], int] | None = None,
+) -> _native.BatchEngine:
+    """Random arrivals (some under an adapter `adapters` picks, which may also swap adapters) and
+    cancels on a small pool; invariants checked after every step and once drained."""
     vocab = _native.Vocab(str(path))
     engine = _native.BatchEngine(
         _native.Model(str(path)),
@@ -167,17 +170,21 @@ def test_random_arrivals_cancels_keep_pool_invariants(
         max_seqs=5,
         max_batched_tokens=64,
     )
-    rng = random.Random(1234)
+    rng = random.Random(seed)
     words = "the quick brown fox jumps over a lazy dog while some people hold on to their hats".split()
     live: set[int] = set()
     finished = 0
-    for _ in range(300):
+    for _ in range(steps):
         r = rng.random()
         if r < 0.25:
             text = " ".join(rng.choice(words) for _ in range(rng.randint(1, 30)))
             live.add(
                 engine.submit(
-                    list(vocab.tokenize(text)), max_tokens=rng.randint(1, 30), temperature=0.7, seed=rng.randint(0, 99)
+                    list(vocab.tokenize(text)),
+                    max_tokens=rng.randint(1, 30),
+                    temperature=0.7,
+                    seed=rng.randint(0, 99),
+                    adapter=adapters(engine, rng) if adapters else 0,
                 )
             )
         elif r < 0.35 and live:
@@ -196,6 +203,15 @@ def test_random_arrivals_cancels_keep_pool_invariants(
     assert finished > 10
     assert stats["n_free_blocks"] == stats["n_blocks"], "pool must be full again when idle"
     assert stats["n_free_blocks_swa"] == stats["n_blocks_swa"] == n_blocks_swa
+    return engine
+
+
+@pytest.mark.parametrize(("arch", "wtype", "n_blocks_swa"), [("qwen3", "Q4_0", 0), ("gemma3", "Q8_0", 9)])
+def test_random_arrivals_cancels_keep_pool_invariants(
+    tiny_model: Callable[..., Path], arch: str, wtype: str, n_blocks_swa: int
+) -> None:
+    """Both pools for gemma3: its windowed pool of 9 blocks is the tighter one."""
+    random_traffic(tiny_model(arch, wtype), n_blocks_swa, seed=1234, steps=300)
 
 
 def test_requests_that_cannot_fit(tiny_model: Callable[..., Path]) -> None:
@@ -413,6 +429,58 @@ def test_prefix_hit_needs_the_windowed_blocks(tiny_model: Callable[..., Path]) -
     assert cached == 0 and again == cold
     # the global pool's match was given back for want of the window's blocks: no block was reused
     assert engine.stats()["prefix_hits"] == hits
+
+
+def test_windowed_prefix_hits_read_the_cold_runs_cells(tiny_model: Callable[..., Path]) -> None:
+    """Cold run, an unrelated request, then the same prompt twice more (prefix hits on the windowed
+    pool's cached blocks, alone and batched, from a roomy and from a small aged windowed pool): every
+    run reads exactly the cold run's K/V. Attention gathers the visible cells in position order here,
+    so the output does not depend on where in the pool the blocks lie: reading the pool in place sums
+    them in cell order, and a hit whose blocks lie in another order may flip a near-tie (a top-2
+    margin of 1e-5) that the cold run happened to resolve like the reference."""
+    path = tiny_model("gemma3", "F32")  # window 8: layer 0 windowed, layer 1 global
+    model = _native.Model(str(path))
+    vocab = _native.Vocab(str(path))
+    ctx = _native.Context(model, n_ctx=256)
+    words = "the quick brown fox jumps over the lazy dog and runs far away".split()
+    n = 24
+
+    def generate(engine: _native.BatchEngine, prompts: list[list[int]]) -> list[tuple[list[int], list[float], int]]:
+        ids = [engine.submit(p, max_tokens=n, temperature=0.0, stop_at_eog=False, logprobs=True) for p in prompts]
+        out: dict[int, tuple[list[int], list[float], list[int]]] = {i: ([], [], [0]) for i in ids}
+        while not engine.idle:
+            for ev in engine.step():
+                out[ev.id][0].extend(ev.tokens)
+                out[ev.id][1].extend(ev.logprobs)
+                out[ev.id][2][0] = ev.n_prompt_cached
+            assert engine.check_invariants() == ""
+        return [(out[i][0], out[i][1], out[i][2][0]) for i in ids]
+
+    # prompt lengths around the 16-token blocks; batched; a windowed pool too small to keep every window
+    cases = [(15, 1, 0), (17, 1, 0), (22, 1, 0), (33, 1, 0), (31, 2, 0), (50, 2, 6), (22, 1, 5)]
+    hits = 0
+    for n_prompt, max_seqs, n_blocks_swa in cases:
+        engine = _native.BatchEngine(
+            model, n_blocks=64, n_blocks_swa=n_blocks_swa, block_size=16, max_seqs=max_seqs, gather_kv="always"
+        )
+        prompt = ([1] + [vocab.tokenize(w, add_special=False)[0] for w in words] * 5)[:n_prompt]
+        other = list(vocab.tokenize(f"something else entirely, {n_prompt} times"))
+        ref = ours_greedy(ctx, prompt, n)
+        [(cold, cold_lp, _)] = generate(engine, [prompt])
+        d = first_divergence(ref, cold)
+        if d is not None:  # only a near-tie of the reference may go the other way
+            ctx.truncate(0)
+            ctx.decode(prompt + ref[:d])
+            top2 = np.sort(ctx.logits())[-2:]
+            assert top2[1] - top2[0] < 0.01, (n_prompt, max_seqs, n_blocks_swa, d)
+        generate(engine, [other])
+        runs = generate(engine, [prompt]) + generate(engine, [prompt])
+        runs += generate(engine, [prompt, other] if max_seqs > 1 else [prompt])[:1]
+        for toks, lps, cached in runs:
+            assert toks == cold, (n_prompt, max_seqs, n_blocks_swa, cached)
+            assert np.allclose(lps, cold_lp, rtol=0, atol=1e-3), (n_prompt, max_seqs, n_blocks_swa, cached)
+            hits += cached > 0
+    assert hits >= 10  # the prefix cache served most of them
 
 
 def test_default_model_kv_budget_buys_global_cells(default_model: Path) -> None:

@@ -21,7 +21,7 @@ pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 from appliance import _native
-from appliance.distill.cli import register
+from appliance.cli.distill import register
 from appliance.distill.data import load_examples
 from appliance.distill.export import from_hf, merge, write_adapter
 from appliance.distill.train import TrainConfig, load_model, lora_weights, train

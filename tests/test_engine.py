@@ -7,12 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from greedy import first_divergence
 
+from appliance import _native
 from appliance.engine.engine import Engine
 from appliance.engine.sampling import SamplingOptions
 from appliance.engine.textstream import TextStream
 
 GREEDY = SamplingOptions(temperature=0.0, max_tokens=24)
+NEAR_TIE = 1e-3  # top-2 logit margin under which a kernel's summation order may pick either
 
 
 @pytest.fixture(scope="module")
@@ -42,20 +45,38 @@ def test_stop_string_cuts_output(engine: Engine) -> None:
     assert cut == full[: full.index(stop)]
 
 
-def test_prefix_reuse_gives_same_output(engine: Engine) -> None:
-    a = engine.generate_text("the quick brown fox jumps", GREEDY)
+def test_prefix_reuse_gives_same_output(engine: Engine, tiny_model: Callable[..., Path]) -> None:
+    """A prompt served cold, after other traffic, and from the prefix cache twice decodes the same
+    tokens, up to near-ties: a cached prompt's later blocks can sit in another order in the KV pool,
+    and attention sums F16 cells in pool order (README, Early exit: "up to near-ties")."""
+    prompt = engine.tokenize("the quick brown fox jumps")
+
+    def tokens() -> list[int]:
+        return [c.token for c in engine.generate(prompt, GREEDY) if c.token is not None]
+
+    cold = tokens()
     engine.generate_text("something else entirely", GREEDY)
-    b = engine.generate_text("the quick brown fox jumps", GREEDY)
-    c = engine.generate_text("the quick brown fox jumps", GREEDY)  # full prefix hit
-    assert a == b == c
+    ref = _native.Context(_native.Model(str(tiny_model("gemma3", "Q8_0"))), n_ctx=256, n_threads=1)
+    for again in (tokens(), tokens(), tokens()):
+        i = first_divergence(cold[: len(again)], again[: len(cold)])
+        if i is not None:
+            ref.truncate(0)
+            ref.decode(prompt + cold[:i])
+            top2 = np.sort(ref.logits())[-2:]
+            assert top2[1] - top2[0] < NEAR_TIE, f"diverged at token {i} with a clear margin {top2[1] - top2[0]:.3g}"
 
 
-def test_seeded_sampling_is_reproducible(engine: Engine) -> None:
+def test_seeded_sampling_is_reproducible(tiny_model: Callable[..., Path]) -> None:
+    """The same seed from the same engine state gives the same text (engines that served other
+    requests may hold the prompt's cells in another pool order, which can move a draw at a near-tie)."""
     opts = SamplingOptions(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=42, max_tokens=16)
-    assert engine.generate_text("hello", opts) == engine.generate_text("hello", opts)
     other = SamplingOptions(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=43, max_tokens=16)
-    outs = {engine.generate_text("hello", other), engine.generate_text("hello", opts)}
-    assert len(outs) == 2
+
+    def fresh(o: SamplingOptions) -> str:
+        return Engine(tiny_model("gemma3", "Q8_0"), n_ctx=256, n_threads=2).generate_text("hello", o)
+
+    assert fresh(opts) == fresh(opts)
+    assert fresh(other) != fresh(opts)
 
 
 def test_top_k_1_is_greedy_at_any_temperature(engine: Engine) -> None:
@@ -104,11 +125,11 @@ def test_special_tokens_roundtrip(engine: Engine) -> None:
     assert "<start_of_turn>" not in engine.detokenize(toks)
 
 
-def test_engine_and_async_engine_give_the_same_tokens_and_scores(
-    engine: Engine, tiny_model: Callable[..., Path]
-) -> None:
+def test_engine_and_async_engine_give_the_same_tokens_and_scores(tiny_model: Callable[..., Path]) -> None:
     """Engine and AsyncEngine are one generation path: with logprobs=True, the same greedy tokens
-    with the same log-probabilities and entropies at temperature 1."""
+    with the same log-probabilities and entropies at temperature 1 (both fresh, so their KV pools
+    hold the cells in the same order)."""
+    engine = Engine(tiny_model("gemma3", "Q8_0"), n_ctx=256, n_threads=2)
     import asyncio
 
     from appliance.engine.async_engine import AsyncEngine

@@ -87,7 +87,9 @@ class SemanticCacheStage:
             system = session.system
             context = Context(summary=session.summary, previous_turn=previous_exchange(session))
         s = req.sampling
-        params = {"max_tokens": s.max_tokens, "stop": list(s.stop), "chat": not req.prompt}
+        params: dict[str, object] = {"max_tokens": s.max_tokens, "stop": list(s.stop), "chat": not req.prompt}
+        if s.grammar:  # an answer made under a grammar serves only requests with the same one
+            params["grammar"] = s.grammar
         return CacheKey(fingerprint(self.model, system, params), query, context)
 
     async def lookup(self, req: Request, key: CacheKey | None) -> Result | None:

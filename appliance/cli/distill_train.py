@@ -1,4 +1,4 @@
-"""``appliance distill``: teach the local model a task from examples (LoRA), export it for llama.cpp and
+"""``appliance distill train``: teach the local model a task from examples (LoRA), export it for llama.cpp and
 as a merged Q4_K_M model. The training stack (torch, transformers, peft) is imported only when a
 command runs."""
 
@@ -11,10 +11,6 @@ import sys
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-_DESCRIPTION = """\
-Distillation: the local model learns a task from examples (for example the cloud's answers to an
-office's repeated requests) and then answers it locally."""
 
 _TRAIN_DESCRIPTION = """\
 Train a LoRA adapter on the model the appliance serves (the same GGUF file, loaded by transformers
@@ -47,22 +43,6 @@ examples:
   appliance distill train --data intents.jsonl --out /tmp/intents --epochs 2 --rank 8 --json
 
 exit status: 0 trained and written, 1 training or export failed, 2 bad usage or bad data."""
-
-
-def register(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser],
-) -> argparse._SubParsersAction[argparse.ArgumentParser]:
-    """Add ``distill`` (with its ``train`` action) to the CLI; returns the actions group so more
-    actions (export, purge, eval, promote) can be added to it."""
-    parser = sub.add_parser(
-        "distill",
-        help="teach the local model a task from examples (LoRA training and export)",
-        description=_DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    actions = parser.add_subparsers(dest="distill_command", metavar="ACTION", required=True)
-    register_train(actions)
-    return actions
 
 
 def register_train(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -10,7 +10,7 @@ from appliance import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from appliance.cli import bench, cache, doctor, generate, models, route, serve
+    from appliance.cli import bench, cache, distill, doctor, generate, models, route, serve
 
     parser = argparse.ArgumentParser(
         prog="appliance",
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache.register(sub)
     doctor.register(sub)
     route.register(sub)
+    distill.register(sub)
     return parser
 
 

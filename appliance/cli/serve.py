@@ -192,7 +192,8 @@ def run_report(args: argparse.Namespace) -> int:
     if not ledger_path.is_file():
         print(f"appliance report: no ledger at {ledger_path} (has the server run?)", file=sys.stderr)
         return 2
-    rep = build_report(ledger_path, cfg.pricing, args.period, args.tenant, since)
+    tasks_db = cfg.distill.path(cfg.storage) / "tasks.sqlite"
+    rep = build_report(ledger_path, cfg.pricing, args.period, args.tenant, since, tasks_db)
     if args.png:
         try:
             write_chart(rep, Path(args.png))

@@ -22,6 +22,10 @@ Every field has a default that serves out of the box on the embedded parts, with
     api_key_env = "CLOUD_API_KEY"
 
     [route]                     # router threshold, cascade thresholds; [budget] monthly / per_request
+
+    [distill]                   # teacher capture and task names; [[tenants]] may set capture, tasks
+    capture = true
+    tasks = ["ticket-triage"]
 """
 
 from __future__ import annotations
@@ -211,9 +215,12 @@ class TenantConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     route_policy: RoutePolicyName | None = None  # default: [route].policy
     cloud: CloudConfig | None = None  # this tenant's own cloud endpoint, key and model; default: [cloud]
     budget: BudgetConfig | None = None  # default: [budget]
+    capture: bool | None = None  # store this tenant's cloud answers as teacher examples; default: [distill].capture
+    tasks: list[str] = msgspec.field(default_factory=list)  # task names this tenant may send, besides [distill].tasks
 
     def __post_init__(self) -> None:
         _check(bool(re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.name)), "name", "must be 1-64 of [A-Za-z0-9_.-]")
+        _check_tasks(self.tasks)
         _check(bool(re.fullmatch(r"[0-9a-f]{64}", self.token_sha256)), "token_sha256", "must be 64 lowercase hex")
 
 
@@ -293,6 +300,41 @@ class CacheConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         return Path(self.dir).expanduser() if self.dir else data_home() / "semantic-cache"
 
 
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def _check_tasks(tasks: list[str]) -> None:
+    for t in tasks:
+        why = f"{t!r}: a task name is 1-64 of [A-Za-z0-9_.-], starting with a letter or digit"
+        _check(bool(TASK_NAME.fullmatch(t)), "tasks", why)
+    _check(len(set(tasks)) == len(tasks), "tasks", "duplicate task names")
+
+
+class DistillConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Teacher capture (every cloud answer kept, per tenant, to train a task model on) and task models.
+
+    A request names a task in its `model` field; until a task model is promoted for it, a task goes
+    to the cloud and its answers are captured under its name."""
+
+    capture: bool = False  # store cloud answers as teacher examples (a tenant's `capture` overrides it)
+    tasks: list[str] = msgspec.field(default_factory=list)  # task names every tenant may send
+    dir: str = ""  # teacher.sqlite and tasks.sqlite; empty: the [storage] dir
+    retention_days: float = 90.0  # examples older than this are deleted; 0: kept until the size budget
+    max_examples: int = 100_000  # per tenant; past it the oldest go first
+    max_mb: float = 256.0  # per tenant, prompt and answer text; past it the oldest go first
+    reload_s: float = 2.0  # how often the service looks for newly promoted task models (0: only at start)
+
+    def __post_init__(self) -> None:
+        _check_tasks(self.tasks)
+        _check(self.retention_days >= 0, "retention_days", "must be >= 0")
+        _check(self.max_examples >= 1, "max_examples", "must be >= 1")
+        _check(self.max_mb > 0, "max_mb", "must be > 0")
+        _check(self.reload_s >= 0, "reload_s", "must be >= 0")
+
+    def path(self, storage: StorageConfig) -> Path:
+        return Path(self.dir).expanduser() if self.dir else storage.path()
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     model: ModelConfig = msgspec.field(default_factory=ModelConfig)
@@ -304,6 +346,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     cloud: CloudConfig = msgspec.field(default_factory=CloudConfig)
     route: RouteConfig = msgspec.field(default_factory=RouteConfig)
     budget: BudgetConfig = msgspec.field(default_factory=BudgetConfig)
+    distill: DistillConfig = msgspec.field(default_factory=DistillConfig)
     default_tenant: str = "local"  # the tenant of Unix-socket requests that name none
 
     def __post_init__(self) -> None:
@@ -327,6 +370,17 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     def budget_for(self, tenant: str) -> BudgetConfig:
         t = self.tenant(tenant)
         return t.budget if t is not None and t.budget is not None else self.budget
+
+    def captures(self, tenant: str) -> bool:
+        """Are `tenant`'s cloud answers stored as teacher examples?"""
+        t = self.tenant(tenant)
+        return t.capture if t is not None and t.capture is not None else self.distill.capture
+
+    def tasks_for(self, tenant: str) -> list[str]:
+        """The task names configured for `tenant` ([distill].tasks and its own)."""
+        t = self.tenant(tenant)
+        own = t.tasks if t is not None else []
+        return list(dict.fromkeys([*self.distill.tasks, *own]))
 
     def policy_for(self, tenant: str) -> RoutePolicyName:
         t = self.tenant(tenant)

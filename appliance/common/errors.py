@@ -25,6 +25,12 @@ class PermissionDenied(RequestError):
     code = "PERMISSION_DENIED"
 
 
+class NotFound(RequestError):
+    """A name the request gives (a model, a task) does not exist; the message lists what does."""
+
+    code = "NOT_FOUND"
+
+
 class Unavailable(RequestError):
     code = "UNAVAILABLE"
 

@@ -5,7 +5,12 @@ The row is also the request_id's idempotency record: it holds a hash of the norm
 for an answer that ended normally ("stop" or "length"), the whole response (`replay`, JSON) in the
 same insert. A retry with the same (tenant, request_id) and the same request gets that response back
 (`Ledger.replay`) instead of a second generation, charge or row. Response texts older than the replay
-window are purged (on open and then at most every few minutes); the accounting columns stay."""
+window are purged (on open and then at most every few minutes); the accounting columns stay.
+
+`task` is the task a request named ("" when none). `confident` applies to a task model's local answer:
+1 if it passed the model's confidence rule, 0 if it was sent without passing (no cloud could take it),
+NULL when no rule was applied. `appliance report` counts a local answer as a saving only when it is
+not 0."""
 
 from __future__ import annotations
 
@@ -47,6 +52,8 @@ CREATE TABLE IF NOT EXISTS requests (
     replay TEXT,
     attempts INTEGER NOT NULL DEFAULT 1,
     user TEXT NOT NULL DEFAULT '',
+    task TEXT NOT NULL DEFAULT '',
+    confident INTEGER,
     PRIMARY KEY (tenant, request_id)
 );
 CREATE INDEX IF NOT EXISTS requests_by_time ON requests (tenant, ts);
@@ -60,11 +67,13 @@ ADDED_COLUMNS = {
     "replay": "TEXT",
     "attempts": "INTEGER NOT NULL DEFAULT 1",
     "user": "TEXT NOT NULL DEFAULT ''",
+    "task": "TEXT NOT NULL DEFAULT ''",
+    "confident": "INTEGER",
 }
 COLUMNS = (
     "tenant request_id ts session_id route model cloud_model finish_reason prompt_tokens cached_tokens"
     " completion_tokens summary_saved_tokens early_exit_tokens latency_ms cost counterfactual_cost"
-    " cache_write_tokens degraded route_reason request_hash replay user"
+    " cache_write_tokens degraded route_reason request_hash replay user task confident"
 ).split()
 # a retry after an attempt that ended cancelled or failed runs again, into the same row: the work of
 # every attempt is summed (it was all spent), the rest describes the last attempt
@@ -152,6 +161,8 @@ class Ledger:
                     request_hash,
                     replay,
                     user,
+                    result.task,
+                    None if result.confident is None else int(result.confident),
                 ),
             )  # autocommit: durable (synchronous=FULL) when this returns
             if cur.rowcount != 1:  # a finished row is never overwritten (the replay check runs first)

@@ -42,6 +42,9 @@ class SamplingInput(msgspec.Struct, frozen=True, kw_only=True):
     early_exit: str = ""  # "", "off", "lossless", "adaptive" ("": the server's default)
     exit_threshold: float | None = None
     logprobs: bool = False  # the caller wants each token's log-probability (local answers)
+    # GBNF every generated token must follow (a face's JSON mode: engine.grammar.json_grammar); "": none.
+    # Answered by the local model only (normalize makes the route local_only, refuses cloud_only)
+    grammar: str = ""
 
 
 class GenerateInput(msgspec.Struct, frozen=True, kw_only=True):
@@ -58,6 +61,9 @@ class GenerateInput(msgspec.Struct, frozen=True, kw_only=True):
     route_policy: str = "auto"
     max_cost: float | None = None
     user: str = ""  # the end user the calling app names (OpenAI's `user`): written to the ledger
+    # the model the request names: "" (the service routes), a task name (distillation), the local
+    # model's or the tenant's cloud model's name; the pipeline resolves it (unknown: NOT_FOUND)
+    model: str = ""
 
 
 class Request(msgspec.Struct, frozen=True, kw_only=True):
@@ -73,6 +79,7 @@ class Request(msgspec.Struct, frozen=True, kw_only=True):
     max_cost: float | None = None
     context: tuple[Passage, ...] = ()
     user: str = ""  # the calling app's end user, for the ledger
+    task: str = ""  # the task the request names (its answers are captured and served under it)
 
 
 class Usage(msgspec.Struct, kw_only=True):
@@ -101,6 +108,9 @@ class Result(msgspec.Struct, kw_only=True):
     degraded: bool = False  # the router wanted the cloud but could not have it: answered locally
     replayed: bool = False  # the stored answer of an earlier request with this request_id (a retry)
     route_reason: str = ""  # policy, router, cascade, context_overflow, no_cloud, circuit_open, cloud_error, budget_*
+    task: str = ""  # the task the request named
+    # a task model's local answer: did it pass the confidence rule (None: no rule was applied)
+    confident: bool | None = None
 
 
 class TokenLogprob(msgspec.Struct, frozen=True):

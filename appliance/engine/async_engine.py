@@ -24,12 +24,14 @@ import threading
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from appliance.engine.chunk import Chunk, Decoder, Event
 from appliance.engine.core import EngineCore
 from appliance.engine.early_exit import ExitCalibration
 from appliance.engine.sampling import SamplingOptions
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -40,6 +42,7 @@ class _Submit:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue[Event | BaseException]
     reply: Future[int]
+    adapter: int = 0
 
 
 @dataclass
@@ -51,8 +54,8 @@ class _Cancel:
 class _Call:
     """Run `fn` on the engine thread (the native engine is single-threaded) and hand back its result."""
 
-    fn: Callable[[], int]
-    reply: Future[int]
+    fn: Callable[[], Any]
+    reply: Future[Any]
 
 
 class AsyncEngine:
@@ -126,14 +129,20 @@ class AsyncEngine:
         return str(self._native.check_invariants())
 
     async def generate(
-        self, prompt: str | bytes | Sequence[int], options: SamplingOptions | None = None, *, tenant: str = ""
+        self,
+        prompt: str | bytes | Sequence[int],
+        options: SamplingOptions | None = None,
+        *,
+        tenant: str = "",
+        adapter: int = 0,
     ) -> AsyncIterator[Chunk]:
-        """Stream the continuation of `prompt`; leaving the loop early cancels the request."""
+        """Stream the continuation of `prompt` under a loaded adapter (`load_adapter`'s id) or none
+        (0); leaving the loop early cancels the request."""
         tokens, opts = self.core.prepare(prompt, options)
         if self._closed:
             raise RuntimeError("engine is closed")
         loop = asyncio.get_running_loop()
-        sub = _Submit(tokens, opts, tenant, loop, asyncio.Queue(), Future())
+        sub = _Submit(tokens, opts, tenant, loop, asyncio.Queue(), Future(), adapter)
         self._commands.put(sub)
         request_id = await asyncio.wrap_future(sub.reply)
         decoder = Decoder(self.vocab, opts.stop)
@@ -150,6 +159,18 @@ class AsyncEngine:
             if not ended:
                 self._commands.put(_Cancel(request_id))
 
+    def load_adapter(self, path: str | os.PathLike[str], scale: float = 1.0) -> int:
+        """Load a LoRA adapter (llama.cpp GGUF) while serving; its id goes to `generate(adapter=)`."""
+        return self._call(lambda: self.core.load_adapter(path, scale))
+
+    def unload_adapter(self, adapter: int) -> bool:
+        """Free it now (True) or when its running requests finish (False); new requests are refused."""
+        return self._call(lambda: self.core.unload_adapter(adapter))
+
+    def adapters(self) -> list[dict[str, Any]]:
+        """The loaded adapters: id, path, scale, rank, bytes, the requests using it."""
+        return self._call(lambda: list(self._native.adapters()))
+
     def save_prefix(self, tokens: Sequence[int], path: str | os.PathLike[str], *, tenant: str = "") -> int:
         """Write the cached K/V of the full blocks starting `tokens` (a system prompt, say) to `path`, so a
         restarted engine can `load_prefix` it; returns the tokens saved (0 if none are cached)."""
@@ -159,10 +180,10 @@ class AsyncEngine:
         """Load a saved prefix into the prefix cache; returns the tokens loaded."""
         return self._call(lambda: int(self._native.load_prefix(os.fspath(path))))
 
-    def _call(self, fn: Callable[[], int]) -> int:
+    def _call(self, fn: Callable[[], T]) -> T:
         if self._closed:
             raise RuntimeError("engine is closed")
-        reply: Future[int] = Future()
+        reply: Future[T] = Future()
         self._commands.put(_Call(fn, reply))
         return reply.result()
 
@@ -204,7 +225,7 @@ class AsyncEngine:
             return
         if isinstance(cmd, _Submit):
             try:
-                rid = self.core.submit(cmd.prompt, cmd.options, cmd.tenant)
+                rid = self.core.submit(cmd.prompt, cmd.options, cmd.tenant, cmd.adapter)
             except (ValueError, RuntimeError) as e:
                 cmd.reply.set_exception(e)
                 return

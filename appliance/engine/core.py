@@ -104,6 +104,7 @@ class EngineCore:
             exit_thresholds=cal.thresholds if cal else [],
             draft_exit_layer=cal.draft_exit_layer if cal else 0,
             draft_max=draft_max,
+            vocab=self.vocab,
         )
         if cal is not None:
             self.native.set_shortlist(cal.shortlist)
@@ -147,8 +148,8 @@ class EngineCore:
             )
         return tokens, opts
 
-    def submit(self, tokens: list[int], o: SamplingOptions, tenant: str = "") -> int:
-        """Queue a prepared request; its id names its events."""
+    def submit(self, tokens: list[int], o: SamplingOptions, tenant: str = "", adapter: int = 0) -> int:
+        """Queue a prepared request; its id names its events. adapter: a `load_adapter` id (0: none)."""
         return int(
             self.native.submit(
                 tokens,
@@ -164,5 +165,17 @@ class EngineCore:
                 exit_mode=o.early_exit,
                 exit_threshold=o.exit_threshold,
                 logprobs=o.logprobs,
+                adapter=adapter,
+                grammar=o.grammar,
             )
         )
+
+    def load_adapter(self, path: str | os.PathLike[str], scale: float = 1.0) -> int:
+        """Load a llama.cpp LoRA GGUF over this model (checked against it; a mismatch raises
+        ModelFormatError naming the tensor); returns its id for `adapter=`."""
+        return int(self.native.load_adapter(os.fspath(path), scale=scale))
+
+    def unload_adapter(self, adapter: int) -> bool:
+        """Free an adapter now (True), or once the requests using it finish (False); new requests
+        naming it are refused from now on."""
+        return bool(self.native.unload_adapter(adapter))

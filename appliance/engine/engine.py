@@ -66,15 +66,27 @@ class Engine:
     def apply_chat_template(self, messages: Sequence[Mapping[str, str]], *, add_assistant: bool = True) -> str:
         return self.core.apply_chat_template(messages, add_assistant=add_assistant)
 
-    def generate(self, prompt: str | bytes | Sequence[int], options: SamplingOptions | None = None) -> Iterator[Chunk]:
-        """Stream the continuation of `prompt` (text, or token ids); leaving the loop early cancels it."""
-        tokens, opts = self.core.prepare(prompt, options)
-        return self._run(tokens, opts)
+    def load_adapter(self, path: str | os.PathLike[str], scale: float = 1.0) -> int:
+        """A LoRA adapter (llama.cpp GGUF) over the model; its id goes to `generate(adapter=)`."""
+        with self._lock:
+            return self.core.load_adapter(path, scale)
 
-    def _run(self, tokens: list[int], opts: SamplingOptions) -> Iterator[Chunk]:
+    def unload_adapter(self, adapter: int) -> bool:
+        with self._lock:
+            return self.core.unload_adapter(adapter)
+
+    def generate(
+        self, prompt: str | bytes | Sequence[int], options: SamplingOptions | None = None, *, adapter: int = 0
+    ) -> Iterator[Chunk]:
+        """Stream the continuation of `prompt` (text, or token ids), under a loaded adapter or none;
+        leaving the loop early cancels it."""
+        tokens, opts = self.core.prepare(prompt, options)
+        return self._run(tokens, opts, adapter)
+
+    def _run(self, tokens: list[int], opts: SamplingOptions, adapter: int) -> Iterator[Chunk]:
         native = self.core.native
         with self._lock:
-            rid = self.core.submit(tokens, opts)
+            rid = self.core.submit(tokens, opts, adapter=adapter)
             decoder = Decoder(self.vocab, opts.stop)
             ended = False  # the native request finished (else it is cancelled on the way out)
             try:
@@ -90,5 +102,7 @@ class Engine:
                 if not ended:
                     native.cancel(rid)
 
-    def generate_text(self, prompt: str | bytes | Sequence[int], options: SamplingOptions | None = None) -> str:
-        return "".join(c.text for c in self.generate(prompt, options))
+    def generate_text(
+        self, prompt: str | bytes | Sequence[int], options: SamplingOptions | None = None, *, adapter: int = 0
+    ) -> str:
+        return "".join(c.text for c in self.generate(prompt, options, adapter=adapter))

@@ -75,14 +75,15 @@ class LocalBackend:
         return self.engine.apply_chat_template(messages)
 
     async def generate(
-        self, tokens: Sequence[int], options: SamplingOptions, *, tenant: str | None = None
+        self, tokens: Sequence[int], options: SamplingOptions, *, tenant: str | None = None, adapter: int = 0
     ) -> AsyncGenerator[Chunk, None]:
         """Stream the continuation of `tokens`. Raises ValueError (overflow, bad options) up front.
 
         `tenant` namespaces the prefix cache; a call without one (the summarizer's) gets a namespace of
-        its own, so nothing it leaves in the cache can serve, or be timed by, another tenant."""
+        its own, so nothing it leaves in the cache can serve, or be timed by, another tenant. `adapter`:
+        a LoRA adapter loaded into the engine (a task model), 0 for the base model."""
         namespace = tenant if tenant is not None else f"private:{uuid.uuid4().hex}"
-        async for chunk in self.engine.generate(list(tokens), options, tenant=namespace):
+        async for chunk in self.engine.generate(list(tokens), options, tenant=namespace, adapter=adapter):
             yield chunk
 
     def close(self) -> None:

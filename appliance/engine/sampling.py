@@ -7,6 +7,7 @@ from typing import Literal
 import msgspec
 
 ExitMode = Literal["off", "lossless", "adaptive"]
+MAX_GRAMMAR = 1 << 20  # characters of GBNF a request may carry
 
 
 class SamplingOptions(msgspec.Struct, frozen=True, kw_only=True):
@@ -28,6 +29,11 @@ class SamplingOptions(msgspec.Struct, frozen=True, kw_only=True):
     # score each token (Chunk.logprob, Chunk.entropy); costs a pass over the vocabulary per
     # token (about 1 ms for 262k tokens), so only the cascade's confidence check asks for it
     logprobs: bool = False
+    # GBNF (root rule "root") every generated token must follow, e.g. engine.grammar.json_grammar();
+    # "" for none. The engine refuses one libllama cannot parse (ValueError naming the problem).
+    # Lossless early exit gives the full-depth output under it; adaptive exits weigh only the tokens
+    # it allows.
+    grammar: str = ""
 
     def validate(self) -> None:
         """Raise ValueError naming the first field that is out of range."""
@@ -43,7 +49,11 @@ class SamplingOptions(msgspec.Struct, frozen=True, kw_only=True):
             ("stop", all(isinstance(s, str) and s for s in self.stop), "entries must be non-empty strings"),
             ("early_exit", self.early_exit in ("off", "lossless", "adaptive"), "must be off, lossless or adaptive"),
             ("exit_threshold", self.exit_threshold <= 1.0, "must be <= 1 (or < 0 for the calibrated thresholds)"),
+            ("grammar", isinstance(self.grammar, str) and "\0" not in self.grammar, "must be GBNF text without NUL"),
+            ("grammar", len(self.grammar) <= MAX_GRAMMAR, f"must be at most {MAX_GRAMMAR} characters"),
         ]
         for name, ok, why in checks:
             if not ok:
-                raise ValueError(f"sampling option {name}={getattr(self, name)!r} {why}")
+                value = getattr(self, name)
+                shown = f"{value[:40]!r}..." if isinstance(value, str) and len(value) > 40 else repr(value)
+                raise ValueError(f"sampling option {name}={shown} {why}")

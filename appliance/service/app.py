@@ -20,6 +20,7 @@ from appliance.common.config import Config, hostport
 from appliance.common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from appliance.common.history import HistoryStore
 from appliance.common.ledger import Ledger
+from appliance.distill.capture import Limits, TeacherStore, open_store
 from appliance.engine.core import default_threads
 from appliance.engine.local_backend import LocalBackend
 from appliance.models.manifest import UnknownModelError
@@ -32,6 +33,7 @@ from appliance.service.auth import Authenticator
 from appliance.service.metrics import Metrics
 from appliance.service.pipeline import Pipeline
 from appliance.service.prefixes import HotPrefixes, load_hot, save_hot
+from appliance.service.tasks import TaskModels
 
 log = logging.getLogger("appliance.service")
 
@@ -50,6 +52,8 @@ class Service:
         self.pipeline: Pipeline | None = None
         self.ledger: Ledger | None = None
         self.history: HistoryStore | None = None
+        self.teacher: TeacherStore | None = None
+        self.tasks: TaskModels | None = None
         self._metrics_server: asyncio.Server | None = None
         self._load_error: BaseException | None = None
         self._serving_listeners: list[Callable[[bool], Awaitable[None]]] = []
@@ -86,6 +90,7 @@ class Service:
                     log.info("loaded %d tokens of saved hot prefixes into the prefix cache", loaded)
             cache = await asyncio.to_thread(self._open_cache, backend)
             routing = await asyncio.to_thread(self._routing, cache, self.ledger)
+            self.teacher, self.tasks = await asyncio.to_thread(self._open_distill, backend)
         except Exception as e:  # reported by every request and by health staying NOT_SERVING
             log.error("loading failed: %s", e)
             self._load_error = e
@@ -101,6 +106,8 @@ class Service:
             cache=cache,
             routing=routing,
             prefixes=HotPrefixes(backend.engine.block_size) if self.cfg.model.hot_prefixes else None,
+            tasks=self.tasks,
+            teacher=self.teacher,
         )
         log.info("model %s loaded in %.1f s; serving", backend.name, time.perf_counter() - t0)
         if backend.default_exit(self.cfg.model.early_exit) is None and self.cfg.model.early_exit != "off":
@@ -139,6 +146,19 @@ class Service:
             return PassThroughCache()
         return SemanticCacheStage(cache, backend.name, c.ttl_s or None)
 
+    def _open_distill(self, backend: LocalBackend) -> tuple[TeacherStore, TaskModels]:
+        """The teacher examples (expired ones dropped) and the task models, promoted adapters loaded."""
+        d = self.cfg.distill
+        directory = d.path(self.cfg.storage)
+        limits = Limits(d.retention_days, d.max_examples, int(d.max_mb * (1 << 20)))
+        teacher = open_store(directory, limits)
+        dropped = teacher.expire()
+        if dropped:
+            log.info("dropped %d teacher example(s) past the retention or size budget", dropped)
+        tasks = TaskModels(self.cfg, directory, backend.engine)
+        tasks.load()
+        return teacher, tasks
+
     def _routing(self, cache: SemanticCacheStage | PassThroughCache, ledger: Ledger) -> Routing:
         """The router on the semantic cache's embedding model (features only when it is not loaded)."""
         embedder = cache.cache.embedder if isinstance(cache, SemanticCacheStage) else None
@@ -175,7 +195,7 @@ class Service:
         free the model and the cache."""
         if self._metrics_server is not None:
             self._metrics_server.close()
-        for db in (self.ledger, self.history):
+        for db in (self.ledger, self.history, self.teacher, self.tasks):
             if db is not None:
                 db.close()
         await self.clouds.aclose()
@@ -249,6 +269,8 @@ class Service:
             gauges["appliance_kv_window_blocks_free"] = engine["n_free_blocks_swa"]
             gauges["appliance_prefix_cache_hits_total"] = engine["prefix_hits"]
             gauges["appliance_engine_preemptions_total"] = engine["n_preemptions"]
+            if self.tasks is not None:
+                gauges["appliance_task_models_loaded"] = len(self.tasks.loaded())
             cache = self.pipeline.cache
             if isinstance(cache, SemanticCacheStage):  # cache lookup, router, cache store share the vectors
                 gauges["appliance_embeddings_requested_total"] = cache.cache.embedder.requests

@@ -28,6 +28,8 @@ class Metrics:
         self.latency_counts: defaultdict[str, list[int]] = defaultdict(lambda: [0] * (len(LATENCY_BUCKETS_MS) + 1))
         self.latency_sum: defaultdict[str, float] = defaultdict(float)
         self.decisions: defaultdict[tuple[str, str, str], int] = defaultdict(int)  # (route, reason, degraded)
+        # requests that named a task: (task, model that answered, route, confident: true/false/"")
+        self.tasks: defaultdict[tuple[str, str, str, str], int] = defaultdict(int)
 
     def observe(self, method: str, r: Result) -> None:
         if r.replayed:  # a retry answered from the ledger: its tokens and cost were counted the first time
@@ -48,6 +50,9 @@ class Metrics:
         if r.route != "cache":
             self.decisions[(r.route, r.route_reason, str(r.degraded).lower())] += 1
         self.cost[(r.route, "counterfactual")] += u.counterfactual_cost
+        if r.task:
+            confident = "" if r.confident is None else str(r.confident).lower()
+            self.tasks[(r.task, r.model, r.route, confident)] += 1
         counts = self.latency_counts[method]
         i = next((i for i, b in enumerate(LATENCY_BUCKETS_MS) if u.latency_ms <= b), len(LATENCY_BUCKETS_MS))
         counts[i] += 1
@@ -70,6 +75,10 @@ class Metrics:
         for (route, reason, degraded), n in sorted(self.decisions.items()):
             labels = _labels(route=route, reason=reason, degraded=degraded)
             out.append(f"appliance_route_decisions_total{labels} {n}")
+        out.append("# TYPE appliance_task_requests_total counter")
+        for (task, model, route, confident), n in sorted(self.tasks.items()):
+            labels = _labels(task=task, model=model, route=route, confident=confident)
+            out.append(f"appliance_task_requests_total{labels} {n}")
         out.append("# TYPE appliance_request_seconds histogram")
         for method, counts in sorted(self.latency_counts.items()):
             acc = 0

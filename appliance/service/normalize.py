@@ -75,6 +75,7 @@ def _sampling(msg: SamplingInput, default_max_tokens: int, default_exit: ExitMod
     if len(msg.stop) > MAX_STOP:
         raise InvalidArgument("sampling.stop", f"at most {MAX_STOP} stop strings")
     values["stop"] = tuple(_text(s, f"sampling.stop[{i}]") for i, s in enumerate(msg.stop))
+    values["grammar"] = _text(msg.grammar, "sampling.grammar")
     opts = SamplingOptions(**{**{f: getattr(base, f) for f in base.__struct_fields__}, **values})
     try:
         opts.validate()
@@ -118,6 +119,15 @@ def normalize(
     route_policy = next((p for p in _ROUTE if p == msg.route_policy), None)
     if route_policy is None:
         raise InvalidArgument("route_policy", f"unknown value {msg.route_policy}")
+    sampling = _sampling(msg.sampling, default_max_tokens, default_exit)
+    if sampling.grammar:
+        # grammar-constrained output is decoded by the local model; a cloud (or the cascade's
+        # escalation to one) could not keep to the grammar
+        if route_policy == "cloud_only":
+            raise InvalidArgument(
+                "sampling.grammar", "grammar-constrained output is made by the local model; route_policy is cloud_only"
+            )
+        route_policy = "local_only"
     max_cost = msg.max_cost
     if max_cost is not None and not (math.isfinite(max_cost) and max_cost >= 0):
         raise InvalidArgument("max_cost", "must be a finite number >= 0")
@@ -131,7 +141,7 @@ def normalize(
         messages=tuple(messages),
         session_id=msg.session_id,
         chat=chat,
-        sampling=_sampling(msg.sampling, default_max_tokens, default_exit),
+        sampling=sampling,
         cache_policy=cache_policy,
         route_policy=route_policy,
         max_cost=max_cost,

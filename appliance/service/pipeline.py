@@ -18,10 +18,11 @@ from appliance.cache.stage import PassThroughCache, SemanticCacheStage
 from appliance.cloud.client import CloudBackend
 from appliance.cloud.types import CloudError, Reply
 from appliance.common.config import Config, ModelConfig, PricingConfig
-from appliance.common.errors import Aborted, FailedPrecondition, InvalidArgument, Unavailable
+from appliance.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from appliance.common.history import HistoryStore, Session, StoredMessage
 from appliance.common.ledger import Ledger
 from appliance.common.types import Delta, GenerateInput, Request, Result, TokenLogprob
+from appliance.distill.capture import TeacherStore
 from appliance.engine.local_backend import LocalBackend
 from appliance.route.budget import Budget
 from appliance.route.cascade import CHECK_EVERY, assess
@@ -32,8 +33,10 @@ from appliance.service.normalize import normalize, request_hash
 from appliance.service.prefixes import HotPrefixes
 from appliance.service.served import Served
 from appliance.service.summarizer import Summarizer
+from appliance.service.tasks import Serving, TaskModels
 
 log = logging.getLogger("appliance.service.pipeline")
+AUTO_MODEL = "appliance"  # the model name that lets the service route (as an empty one does)
 
 
 class Pipeline:
@@ -49,6 +52,8 @@ class Pipeline:
         cache: SemanticCacheStage | PassThroughCache | None = None,
         routing: Routing | None = None,
         prefixes: HotPrefixes | None = None,
+        tasks: TaskModels | None = None,
+        teacher: TeacherStore | None = None,
     ) -> None:
         self.backend = backend
         self.admission = admission
@@ -58,6 +63,8 @@ class Pipeline:
         self.pricing = pricing
         self.cache = cache or PassThroughCache()
         self.prefixes = prefixes  # counts local prompts' prefixes, to keep the hottest across restarts
+        self.tasks = tasks  # task names and the promoted task models (adapters) serving them
+        self.teacher = teacher  # where cloud answers are captured as teacher examples (opted-in tenants)
         self.routing = routing or Routing(Config(pricing=pricing), None, None, Budget(ledger, pricing))
         summarizer = Summarizer(backend.generate, backend.tokenize, model.summary_max_tokens)
         self.context = ContextBuilder(backend.count_tokens, summarizer.fold, model.context_budget, model.keep_turns)
@@ -80,6 +87,9 @@ class Pipeline:
             default_max_tokens=self.model.default_max_tokens,
             default_exit=self.backend.default_exit(self.model.early_exit),
         )
+        if raw.model and raw.model != AUTO_MODEL and self.tasks is not None:
+            await self.tasks.refresh()  # a task registered while running is known within reload_s
+        req = self._resolve_model(raw.model, req)
         digest = request_hash(req)
         with self._claim(req):
             stored = await asyncio.to_thread(self.ledger.replay, req.tenant, req.request_id, digest)
@@ -92,7 +102,8 @@ class Pipeline:
             session = await asyncio.to_thread(self.history.load, req.tenant, req.session_id) if req.chat else None
             if session is not None:
                 self._set_system(req, session)
-            key = self.cache.key(req, session) if req.cache_policy != "skip" else None
+            # a task's answers are its own: the semantic cache neither serves nor keeps them
+            key = self.cache.key(req, session) if req.cache_policy != "skip" and not req.task else None
             hit = await self.cache.lookup(req, key)
             if hit is not None:
                 if session is not None:  # the conversation goes on from the cached answer
@@ -101,7 +112,10 @@ class Pipeline:
                 yield hit
                 return
 
-            routed = await self.routing.decide(req)
+            serving: Serving | None = None
+            if req.task and self.tasks is not None:
+                serving = self.tasks.serving(req.tenant, req.task)
+            routed = await (self._task_route(req, serving) if req.task else self.routing.decide(req))
             cloud = self.routing.cloud(req.tenant)
             # a cloud answer waits in the cloud lane, holding none of the local engine's slots; a route
             # that changes later (an overflow, a budget, a cascade escalating, a cloud failing) moves
@@ -119,10 +133,15 @@ class Pipeline:
                             yield delta
                     else:
                         self._check_cost(req, len(tokens))
-                        if self.routing.cascades(routed, cloud):
+                        adapter = 0
+                        if serving is not None:  # the task model answers (under its adapter)
+                            out.model, adapter = serving.model.name, serving.adapter
+                        if serving is not None and routed.reason == "task_model":
+                            stream = self._task_local(req, built, tokens, cloud, out, t0, serving)
+                        elif self.routing.cascades(routed, cloud):
                             stream = self._cascade(req, built, tokens, cloud, out, t0)
                         else:
-                            stream = self._local(req, tokens, out, t0)
+                            stream = self._local(req, tokens, out, t0, adapter=adapter)
                         async for delta in stream:
                             yield delta
                 except Exception:
@@ -134,7 +153,9 @@ class Pipeline:
                         await self._commit_turn(req, session, result.text)
                     await self.ledger.record(req.tenant, result, digest, user=req.user)
 
-            if req.cache_policy == "auto":
+            if result.route == "cloud" and result.finish_reason == "stop":
+                await self._capture(req, built, result)
+            if req.cache_policy == "auto" and not req.task:
                 await self.cache.store(req, key, result)
             yield result
 
@@ -157,10 +178,11 @@ class Pipeline:
     # ------------------------------------------------------------------ backends
 
     async def _local(
-        self, req: Request, tokens: list[int], out: Served, t0: float, *, scored: bool = False
+        self, req: Request, tokens: list[int], out: Served, t0: float, *, scored: bool = False, adapter: int = 0
     ) -> AsyncGenerator[Delta, None]:
         """The local model's answer, streamed into `out` (which says "cancelled" until it finishes).
-        `scored`: the engine scores each token for the cascade (out.scores)."""
+        `scored`: the engine scores each token for the cascade (out.scores, out.low); `adapter`: under
+        a task model's LoRA adapter (0: the base model)."""
         out.finish = "cancelled"
         if out.slot is not None:
             await out.slot.move("local")
@@ -168,11 +190,14 @@ class Pipeline:
             self.prefixes.note(req.tenant, tokens)
         options = msgspec.structs.replace(req.sampling, logprobs=True) if scored else req.sampling
         pending: list[TokenLogprob] = []  # the caller asked for log-probabilities: those of the tokens so far
-        async with contextlib.aclosing(self.backend.generate(tokens, options, tenant=req.tenant)) as chunks:
+        generation = self.backend.generate(tokens, options, tenant=req.tenant, adapter=adapter)
+        async with contextlib.aclosing(generation) as chunks:
             async for chunk in chunks:
                 if chunk.token is not None:
                     out.usage.completion_tokens += 1
                     out.scores.add(chunk.logprob, chunk.entropy)
+                    if chunk.logprob is not None:
+                        out.low = min(out.low, chunk.logprob)
                     if out.usage.completion_tokens == 1:
                         out.usage.first_token_ms = (time.perf_counter() - t0) * 1e3
                     if req.sampling.logprobs and chunk.logprob is not None:
@@ -280,6 +305,65 @@ class Pipeline:
             for d in held:
                 yield d
 
+    async def _task_local(
+        self,
+        req: Request,
+        built: Built,
+        tokens: list[int],
+        cloud: CloudBackend | None,
+        out: Served,
+        t0: float,
+        serving: Serving,
+    ) -> AsyncGenerator[Delta, None]:
+        """A promoted task model's answer, held back until the confidence rule has judged it: sent
+        when every token's log-probability is at least the model's calibrated threshold and the
+        answer ended by itself (not empty, not cut by max_tokens); otherwise the cloud answers
+        instead (route_reason task_unsure) and that answer is captured for the task's next round.
+        The rule's minimum can only fall as the answer grows, so the local generation is cancelled
+        at the first token below the threshold. Without a cloud to ask (none, circuit open, over
+        budget), the answer is sent anyway, degraded, and not counted as a saving."""
+        threshold = serving.model.figures.threshold
+        why = self.routing.unavailable(cloud) or await self.routing.refusal(req, len(tokens))
+        held: list[Delta] = []
+        async with contextlib.aclosing(
+            self._local(req, tokens, out, t0, scored=True, adapter=serving.adapter)
+        ) as local:
+            async for delta in local:
+                held.append(delta)
+                if out.low < threshold and not why:
+                    break  # unsure already: stop spending on it
+        out.confident = out.finish == "stop" and bool(out.text.strip()) and out.low >= threshold
+        if out.confident or why or cloud is None:
+            if not out.confident:
+                Routing.downgrade(out.routed, why or "no_cloud")
+            for d in held:
+                yield d
+            return
+        out.routed.reason = "task_unsure"
+        log.info(
+            "task %s/%s: %s unsure (least likely token %.3f < %.3f); the cloud answers",
+            req.tenant,
+            req.task,
+            serving.model.name,
+            out.low,
+            threshold,
+        )
+        local_cost = self.pricing.local_cost(out.usage.prompt_tokens, out.usage.completion_tokens)
+        async for delta in self._cloud(req, built, cloud, out, t0):
+            yield delta
+        if out.route == "cloud":
+            out.local_cost = local_cost
+            return
+        # the cloud failed: the task model's answer is sent after all (degraded, cloud_error)
+        if out.finish == "cancelled":
+            out.parts.clear()
+            out.usage.completion_tokens = 0
+            async for delta in self._local(req, tokens, out, t0, adapter=serving.adapter):
+                yield delta
+        else:
+            for d in held:
+                yield d
+
     async def _escalates(
         self, req: Request, tokens: list[int], cloud: CloudBackend | None, out: Served, *, partial: bool
     ) -> bool:
@@ -296,6 +380,66 @@ class Pipeline:
         return True
 
     # ------------------------------------------------------------------ stage helpers
+
+    def _resolve_model(self, name: str, req: Request) -> Request:
+        """The request's `model`: "" or "appliance" route as usual; a task name sets `task`; the local
+        model's name means local only and the tenant's cloud model's cloud only (unless the request
+        chose a route policy itself). Anything else is NOT_FOUND, listing the names that exist."""
+        if not name or name == AUTO_MODEL:
+            return req
+        tasks = self.tasks.names(req.tenant) if self.tasks is not None else self.routing.cfg.tasks_for(req.tenant)
+        if name in tasks:
+            return msgspec.structs.replace(req, task=name)
+        cloud = self.routing.cfg.cloud_for(req.tenant)
+        implied = {self.backend.name: "local_only"}
+        if cloud.configured:
+            implied[cloud.model] = "cloud_only"
+        if name in implied:
+            if req.route_policy != "auto":
+                return req
+            policy = "local_only" if implied[name] == "local_only" else "cloud_only"
+            return msgspec.structs.replace(req, route_policy=policy)
+        known = [AUTO_MODEL, *implied, *tasks]
+        raise NotFound(f"model: '{name}' does not exist; this tenant may name: {', '.join(known)}")
+
+    async def _task_route(self, req: Request, serving: Serving | None) -> Routed:
+        """Where a task request goes: to its promoted task model (checked by the confidence rule), or,
+        before one is promoted, to the cloud (whose answers are captured for the task). A request's own
+        route policy still wins; a cloud that cannot take it leaves the base model, degraded."""
+        policy = self.routing.policy(req)
+        cloud = self.routing.cloud(req.tenant)
+        if policy == "cloud_only" and cloud is None:
+            raise FailedPrecondition("route_policy: cloud_only, but no cloud backend is configured for this tenant")
+        if policy == "local_only":
+            return Routed(route="local", reason="policy", policy=policy)
+        if serving is not None and policy == "auto":
+            return Routed(route="local", reason="task_model", policy=policy)
+        routed = Routed(route="cloud", reason="policy" if policy == "cloud_only" else "task", policy=policy)
+        why = self.routing.unavailable(cloud)
+        return Routing.downgrade(routed, why) if why else routed
+
+    async def _capture(self, req: Request, built: Built, result: Result) -> None:
+        """A cloud answer becomes a teacher example of the tenant (when it opted in), under the task
+        the request named: the prompt as the local model would continue it, or the messages it would
+        be sent. A failure to store it is logged; the answer has been served regardless."""
+        if self.teacher is None or not self.routing.cfg.captures(req.tenant):
+            return
+        teacher = self.teacher
+        prompt = None if built.messages else with_passages(req.prompt, built.passages)
+        try:
+            await asyncio.to_thread(
+                lambda: teacher.add(
+                    req.tenant,
+                    result.text,
+                    task=req.task,
+                    prompt=prompt,
+                    messages=built.messages or (),
+                    request_id=req.request_id,
+                    model=result.model,
+                )
+            )
+        except Exception as e:  # a full disk, a locked database: the request itself succeeded
+            log.warning("teacher example of %s/%s not stored: %s", req.tenant, req.request_id, e)
 
     def _result(self, req: Request, built: Built, out: Served, t0: float) -> Result:
         usage = out.usage
@@ -321,6 +465,8 @@ class Pipeline:
             session_id=req.session_id,
             degraded=out.routed.degraded,
             route_reason=out.routed.reason,
+            task=req.task,
+            confident=out.confident if out.route == "local" else None,
         )
 
     @staticmethod

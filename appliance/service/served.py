@@ -29,6 +29,8 @@ class Served:
         self.cloud_cost = 0.0
         self.local_cost = 0.0  # a local answer the cascade replaced
         self.scores = TokenScores()  # the local answer's token scores, when the cascade asked for them
+        self.low = 0.0  # ... and the least likely token's log-probability (a task model's confidence rule)
+        self.confident: bool | None = None  # a task model's answer: did it pass the rule
 
     @property
     def text(self) -> str:

@@ -80,6 +80,7 @@ class Client:
         route_policy: int = 0,
         cache_policy: int = 0,
         max_cost: float | None = None,
+        model: str = "",
         **sampling: Any,
     ) -> Any:
         pb = pb2()
@@ -93,6 +94,7 @@ class Client:
             route_policy=route_policy,
             cache_policy=cache_policy,
             sampling=pb.Sampling(**sampling),
+            model=model,
         )
         if max_cost is not None:
             msg.max_cost = max_cost

@@ -4,6 +4,7 @@ and while draining."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -15,16 +16,33 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from appliance.common.config import hostport
-from appliance.common.errors import Overloaded, RequestError
+from appliance.common.errors import InvalidArgument, Overloaded, RequestError
 from appliance.common.ledger import sum_totals
 from appliance.common.types import ChatMessage, Delta, GenerateInput, Passage, Result, SamplingInput
 from appliance.edge.grpc.proto import SERVICE, pb2
+from appliance.engine.grammar import json_grammar
 from appliance.service.app import Service
 
 _ROUTE_ENUM = {"cache": 1, "local": 2, "cloud": 3}
 _CACHE_NAMES = {0: "auto", 1: "skip", 2: "read_only"}
 _ROUTE_NAMES = {0: "auto", 1: "local_only", 2: "cloud_only"}
 _EXIT_NAMES = {0: "", 1: "off", 2: "lossless", 3: "adaptive"}
+
+
+def _grammar(gbnf: str, json_schema: str) -> str:
+    """Sampling's grammar: its GBNF as given, or its JSON Schema's."""
+    if not json_schema:
+        return gbnf
+    if gbnf:
+        raise InvalidArgument("sampling.json_schema", "give a grammar or a json_schema, not both")
+    try:
+        schema = json.loads(json_schema)
+    except ValueError as e:
+        raise InvalidArgument("sampling.json_schema", f"is not JSON: {e}") from None
+    try:
+        return json_grammar(schema or None)
+    except ValueError as e:
+        raise InvalidArgument("sampling.json_schema", str(e)) from None
 
 
 def input_from_proto(msg: Any) -> GenerateInput:
@@ -46,6 +64,7 @@ def input_from_proto(msg: Any) -> GenerateInput:
         stop=tuple(s.stop),
         early_exit=_EXIT_NAMES.get(s.early_exit, str(s.early_exit)),
         exit_threshold=opt("exit_threshold"),
+        grammar=_grammar(s.grammar, s.json_schema),
     )
     return GenerateInput(
         request_id=msg.request_id,
@@ -57,6 +76,7 @@ def input_from_proto(msg: Any) -> GenerateInput:
         cache_policy=_CACHE_NAMES.get(msg.cache_policy, str(msg.cache_policy)),
         route_policy=_ROUTE_NAMES.get(msg.route_policy, str(msg.route_policy)),
         max_cost=msg.max_cost if msg.HasField("max_cost") else None,
+        model=msg.model,
     )
 
 

@@ -38,6 +38,7 @@ class Model:
     kind: Kind
     route_policy: str = "auto"
     owned_by: str = "appliance"
+    task: str = ""  # a task name: its task model (distillation) answers, or the cloud until one is promoted
 
 
 class Edge:
@@ -96,12 +97,15 @@ class Edge:
 
     def models(self, tenant: str) -> list[Model]:
         """The routed id, the local model (local only), the tenant's cloud model (cloud only) when one is
-        configured, and the embedding model when it is loaded."""
+        configured, the tenant's task names (task models), and the embedding model when it is loaded."""
         pipeline = self.service.ready()
         out = [Model(AUTO_MODEL, "generation"), Model(pipeline.backend.name, "generation", "local_only")]
         cloud = self.service.cfg.cloud_for(tenant)
         if cloud.configured:
             out.append(Model(cloud.model, "generation", "cloud_only", owned_by=cloud.provider))
+        names = {m.id for m in out}
+        tasks = pipeline.tasks.names(tenant) if pipeline.tasks is not None else self.service.cfg.tasks_for(tenant)
+        out += [Model(t, "generation", owned_by=tenant, task=t) for t in tasks if t not in names]
         with contextlib.suppress(RequestError):
             out.append(Model(embedding_id(self.service.embedder().version), "embedding"))
         return out
@@ -111,14 +115,16 @@ class Edge:
         if not name:
             raise InvalidArgument(field, "is required")
         bare = name.removesuffix(":latest")
-        for m in self.models(tenant):
+        models = self.models(tenant)
+        for m in models:
             if m.id == bare and m.kind == kind:
                 return m
         if kind == "embedding":  # the embedder's full version string names it too
             with contextlib.suppress(RequestError):
                 if name == self.service.embedder().version:
                     return Model(embedding_id(name), "embedding")
-        raise NotFound(f"the model '{name}' does not exist (GET /v1/models lists the {kind} models)")
+        names = ", ".join(m.id for m in models if m.kind == kind)
+        raise NotFound(f"the model '{name}' does not exist; the {kind} models are: {names} (GET /v1/models)")
 
     # ------------------------------------------------------------------ running a request
 

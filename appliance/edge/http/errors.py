@@ -10,10 +10,7 @@ import msgspec
 from starlette.responses import JSONResponse
 
 from appliance.common.errors import InvalidArgument, Overloaded, RequestError, Unavailable
-
-
-class NotFound(RequestError):
-    code = "NOT_FOUND"
+from appliance.common.errors import NotFound as NotFound  # the faces' 404
 
 
 class TooLarge(RequestError):

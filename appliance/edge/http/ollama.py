@@ -20,6 +20,7 @@ from appliance.common.types import ChatMessage, Delta, GenerateInput, Result, Sa
 from appliance.edge.http.app import Edge, Model
 from appliance.edge.http.errors import ClientGone, field_of, ollama_error
 from appliance.edge.http.streaming import ndjson
+from appliance.engine.grammar import json_grammar
 
 VERSION = "0.12.0"  # the Ollama API level this edge answers as (clients check it)
 # the pipeline's field names -> Ollama's
@@ -32,6 +33,7 @@ RENAME = {
     "sampling.seed": "options.seed",
     "sampling.stop": "options.stop",
     "sampling.repeat_penalty": "options.repeat_penalty",
+    "sampling.grammar": "format",
     "texts": "input",
 }
 
@@ -98,7 +100,7 @@ class ShowBody(msgspec.Struct, kw_only=True):
     verbose: bool = False
 
 
-def _sampling(options: Options | None) -> SamplingInput:
+def _sampling(options: Options | None, fmt: Any = None) -> SamplingInput:
     o = options or Options()
     stop = (o.stop,) if isinstance(o.stop, str) else tuple(o.stop or ())
     return SamplingInput(
@@ -110,12 +112,23 @@ def _sampling(options: Options | None) -> SamplingInput:
         seed=o.seed,
         stop=stop,
         repeat_penalty=o.repeat_penalty,
+        grammar=_grammar(fmt),
     )
 
 
-def _check(b: _Body) -> None:
-    if b.format not in (None, ""):
-        raise InvalidArgument("format", "structured output (grammar-constrained JSON) is not supported yet")
+def _grammar(fmt: Any) -> str:
+    """Ollama's `format` as the grammar the local model decodes under: "json" any JSON object, a JSON
+    Schema (an object) the values it accepts; none when absent."""
+    if fmt in (None, ""):
+        return ""
+    if fmt == "json":
+        return json_grammar(None)
+    if not isinstance(fmt, dict):
+        raise InvalidArgument("format", 'must be "json" or a JSON Schema object')
+    try:
+        return json_grammar(fmt)
+    except ValueError as e:
+        raise InvalidArgument("format", str(e)) from None
 
 
 def _now() -> str:
@@ -191,7 +204,6 @@ def routes(edge: Edge) -> list[Route]:
         tenant = edge.tenant(request)
         b = await edge.body(request, ChatBody)
         model = edge.model(b.model, tenant, "generation")
-        _check(b)
         if b.tools:
             raise InvalidArgument("tools", "tool calling is not supported by this server")
         if not b.messages:  # Ollama: an empty chat loads the model
@@ -214,8 +226,9 @@ def routes(edge: Edge) -> list[Route]:
         inp = GenerateInput(
             request_id=edge.request_id(request),
             messages=tuple(messages),
-            sampling=_sampling(b.options),
+            sampling=_sampling(b.options, b.format),
             route_policy=model.route_policy,
+            model=model.task,
         )
         return await answer(request, inp, tenant, b.model, b.stream, True, "ollama.chat")
 
@@ -223,7 +236,7 @@ def routes(edge: Edge) -> list[Route]:
         tenant = edge.tenant(request)
         b = await edge.body(request, GenerateBody)
         model = edge.model(b.model, tenant, "generation")
-        _check(b)
+        sampling = _sampling(b.options, b.format)
         for name in ("suffix", "template", "images"):
             if getattr(b, name):
                 raise InvalidArgument(name, "is not supported")
@@ -236,7 +249,7 @@ def routes(edge: Edge) -> list[Route]:
         else:  # Ollama applies the model's template: as a chat turn
             system = (ChatMessage("system", b.system),) if b.system else ()
             inp = GenerateInput(messages=(*system, ChatMessage("user", b.prompt)), request_id=edge.request_id(request))
-        inp = msgspec.structs.replace(inp, sampling=_sampling(b.options), route_policy=model.route_policy)
+        inp = msgspec.structs.replace(inp, sampling=sampling, route_policy=model.route_policy, model=model.task)
         return await answer(request, inp, tenant, b.model, b.stream, False, "ollama.generate")
 
     async def embed(request: HttpRequest) -> Response:

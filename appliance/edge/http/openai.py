@@ -21,6 +21,7 @@ from appliance.common.types import ChatMessage, Delta, GenerateInput, Result, Sa
 from appliance.edge.http.app import Edge, Model
 from appliance.edge.http.errors import ClientGone, NotFound, field_of, openai_error
 from appliance.edge.http.streaming import sse
+from appliance.engine.grammar import json_grammar
 
 # ------------------------------------------------------------------ bodies
 
@@ -98,6 +99,7 @@ class EmbeddingsBody(msgspec.Struct, kw_only=True):
 # ------------------------------------------------------------------ body -> GenerateInput
 
 _FINISH = {"stop": "stop", "length": "length", "oom": "length"}
+_RENAME = {"sampling.grammar": "response_format"}  # the pipeline's field names -> OpenAI's
 
 
 def _unsupported(b: _Sampling) -> None:
@@ -108,13 +110,27 @@ def _unsupported(b: _Sampling) -> None:
             raise InvalidArgument(name, "is not supported (use repeat_penalty); send 0 or leave it out")
     if b.logit_bias:
         raise InvalidArgument("logit_bias", "is not supported")
-    rf = b.response_format
-    if rf is not None and rf.type != "text":
-        if rf.type in ("json_object", "json_schema"):
-            raise InvalidArgument(
-                "response_format", f"type '{rf.type}' (grammar-constrained JSON) is not supported yet; use 'text'"
-            )
+
+
+def _grammar(rf: ResponseFormat | None) -> str:
+    """response_format as the grammar the local model decodes under: json_object any JSON object,
+    json_schema the values its `schema` accepts (any object when it has none); text none."""
+    if rf is None or rf.type == "text":
+        return ""
+    if rf.type == "json_object":
+        return json_grammar(None)
+    if rf.type != "json_schema":
         raise InvalidArgument("response_format.type", f"must be text, json_object or json_schema, got '{rf.type}'")
+    spec = rf.json_schema
+    if not isinstance(spec, dict):
+        raise InvalidArgument("response_format.json_schema", "must be an object with a name and a schema")
+    schema = spec.get("schema")
+    if schema is not None and not isinstance(schema, dict):
+        raise InvalidArgument("response_format.json_schema.schema", "must be a JSON Schema object")
+    try:
+        return json_grammar(schema)
+    except ValueError as e:
+        raise InvalidArgument("response_format.json_schema.schema", str(e)) from None
 
 
 def _sampling(b: _Sampling, max_tokens: int | None, logprobs: bool) -> SamplingInput:
@@ -129,6 +145,7 @@ def _sampling(b: _Sampling, max_tokens: int | None, logprobs: bool) -> SamplingI
         seed=b.seed,
         stop=stop,
         logprobs=logprobs,
+        grammar=_grammar(b.response_format),
     )
 
 
@@ -164,6 +181,7 @@ def chat_input(b: ChatBody, request_id: str, model: Model, rename: dict[str, str
         sampling=_sampling(b, max_tokens, bool(b.logprobs)),
         route_policy=model.route_policy,
         user=b.user or "",
+        model=model.task,
     )
 
 
@@ -189,6 +207,7 @@ def completion_input(b: CompletionBody, request_id: str, model: Model) -> Genera
         sampling=_sampling(b, b.max_tokens, b.logprobs is not None),
         route_policy=model.route_policy,
         user=b.user or "",
+        model=model.task,
     )
 
 
@@ -438,8 +457,8 @@ def routes(edge: Edge) -> list[Route]:
         raise NotFound(f"the model '{name}' does not exist (GET /v1/models lists them)")
 
     return [
-        Route("/v1/chat/completions", handler(chat_completions, {"prompt": "messages"}), methods=["POST"]),
-        Route("/v1/completions", handler(completions), methods=["POST"]),
+        Route("/v1/chat/completions", handler(chat_completions, {"prompt": "messages", **_RENAME}), methods=["POST"]),
+        Route("/v1/completions", handler(completions, _RENAME), methods=["POST"]),
         Route("/v1/embeddings", handler(embeddings, {"texts": "input"}), methods=["POST"]),
         Route("/v1/models", handler(list_models), methods=["GET"]),
         Route("/v1/models/{model:path}", handler(get_model), methods=["GET"]),

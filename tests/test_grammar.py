@@ -1,0 +1,238 @@
+"""Grammar-constrained decoding: every token of a request with a grammar follows it (libllama's grammar
+sampler over our logits), in greedy and sampled decoding, batched with plain requests (whose output
+it leaves alone) and under both early-exit modes; an invalid grammar is refused naming the problem."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance import _native
+from appliance.common.errors import InvalidArgument
+from appliance.common.types import GenerateInput, SamplingInput
+from appliance.engine.core import eog_tokens
+from appliance.engine.engine import Engine
+from appliance.engine.grammar import json_grammar
+from appliance.engine.sampling import SamplingOptions
+from appliance.service.normalize import normalize
+
+SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "age": {"type": "integer"},
+        "ok": {"type": "boolean"},
+        "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3},
+    },
+    "required": ["name", "age", "ok"],
+    "additionalProperties": False,
+}
+PROMPTS = ["the quick brown fox", "hello world and", "one two three four", "zebra"]
+
+
+def check_schema(value: Any) -> None:
+    """SCHEMA, checked by hand. A random model may spell a character with byte tokens that are not
+    UTF-8 (the grammar counts such a sequence as one character, the decoder as several U+FFFD)."""
+    assert isinstance(value, dict)
+    assert {"name", "age", "ok"} <= value.keys() <= {"name", "age", "ok", "tags"}
+    name = value["name"]
+    assert isinstance(name, str) and len(name.replace("\ufffd" * 4, "?").replace("\ufffd" * 3, "?")) <= 8
+    assert isinstance(value["age"], int) and not isinstance(value["age"], bool)
+    assert isinstance(value["ok"], bool)
+    tags = value.get("tags", [])
+    assert isinstance(tags, list) and len(tags) <= 3 and all(t in ("a", "b") for t in tags)
+
+
+class Tiny:
+    def __init__(self, path: Path, **kw: Any) -> None:
+        self.vocab = _native.Vocab(str(path))
+        self.engine = _native.BatchEngine(
+            _native.Model(str(path)),
+            n_blocks=96,
+            block_size=16,
+            eog_tokens=eog_tokens(self.vocab),
+            vocab=self.vocab,
+            **kw,
+        )
+
+    def run(self, requests: list[dict[str, Any]]) -> list[tuple[list[int], str]]:
+        """Submits every request (prompt text and submit's keywords) at once; (tokens, finish) each."""
+        ids = []
+        for r in requests:
+            kw = dict(r)
+            ids.append(self.engine.submit(list(self.vocab.tokenize(kw.pop("prompt"))), **kw))
+        out: dict[int, list[int]] = {i: [] for i in ids}
+        finish: dict[int, str] = {}
+        while not self.engine.idle:
+            for ev in self.engine.step():
+                out[ev.id] += ev.tokens
+                if ev.finish_reason:
+                    finish[ev.id] = ev.finish_reason
+            assert self.engine.check_invariants() == ""
+        return [(out[i], finish[i]) for i in ids]
+
+    def text(self, tokens: list[int]) -> str:
+        return bytes(self.vocab.detokenize(tokens)).decode("utf-8", errors="replace")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model: Callable[..., Path]) -> Tiny:
+    return Tiny(tiny_model("qwen3", "F32"))
+
+
+def test_greedy_and_sampled_output_follows_a_schema(tiny: Tiny) -> None:
+    grammar = json_grammar(SCHEMA)
+    greedy = [{"prompt": p, "temperature": 0.0} for p in PROMPTS]
+    sampled = [
+        {"prompt": p, "temperature": t, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": s}
+        for s, p in enumerate(PROMPTS)
+        for t in (0.7, 1.5)
+    ]
+    results = tiny.run([{**r, "grammar": grammar, "max_tokens": 400} for r in greedy + sampled])
+    for tokens, finish in results:
+        assert finish == "stop", tiny.text(tokens)  # the grammar completed, then only end-of-generation was allowed
+        check_schema(json.loads(tiny.text(tokens)))
+    assert len({tiny.text(t) for t, _ in results}) > 1
+
+
+def test_any_json_object(tiny: Tiny) -> None:
+    """json_object mode: every answer that ends is a JSON object. A random model may run out of tokens
+    inside a string (nothing bounds its length), so those are only checked to be cut there."""
+    grammar = json_grammar(None)
+    requests = [{"prompt": p, "temperature": 0.0} for p in PROMPTS]
+    requests += [{"prompt": p, "seed": s, "temperature": t} for s, p in enumerate(PROMPTS) for t in (0.3, 0.8)]
+    results = tiny.run([{**r, "grammar": grammar, "max_tokens": 200} for r in requests])
+    for tokens, finish in results:
+        text = tiny.text(tokens)
+        if finish == "stop":
+            assert isinstance(json.loads(text), dict)
+        else:
+            assert finish == "length" and text.startswith("{")
+            with pytest.raises(json.JSONDecodeError, match="Unterminated string"):
+                json.loads(text)
+    assert sum(finish == "stop" for _, finish in results) >= len(results) // 2
+
+
+def test_grammar_changes_nothing_for_plain_requests_batched_with_it(tiny_model: Callable[..., Path]) -> None:
+    # fresh engines: where a pool has placed a sequence's cells changes the attention's rounding, which
+    # can flip a sampled draw
+    path = tiny_model("qwen3", "F32")
+    plain = [{"prompt": p, "temperature": 0.0, "max_tokens": 24, "stop_at_eog": False} for p in PROMPTS]
+    sampled = {"prompt": "hello", "temperature": 0.9, "seed": 7, "max_tokens": 24, "stop_at_eog": False}
+    alone = Tiny(path).run([*plain, sampled])
+    constrained = [
+        {"prompt": p, "temperature": 0.0, "max_tokens": 400, "grammar": json_grammar(SCHEMA)} for p in PROMPTS
+    ]
+    t = Tiny(path)
+    mixed = t.run([constrained[0], plain[0], constrained[1], plain[1], plain[2], sampled, plain[3], *constrained[2:]])
+    assert [mixed[i] for i in (1, 3, 4, 6, 5)] == alone
+    for i in (0, 2, 7, 8):
+        check_schema(json.loads(t.text(mixed[i][0])))
+
+
+def test_a_tiny_grammar_is_followed_exactly(tiny: Tiny) -> None:
+    grammar = 'root ::= ("yes" | "no") " " [0-9] [0-9]?'
+    for tokens, finish in tiny.run([{"prompt": p, "temperature": 1.5, "seed": 3, "grammar": grammar} for p in PROMPTS]):
+        text = tiny.text(tokens)
+        assert finish == "stop"
+        head, digits = text.split(" ")
+        assert head in ("yes", "no") and digits.isdigit() and 1 <= len(digits) <= 2
+
+
+@pytest.mark.parametrize(
+    ("grammar", "problem"),
+    [
+        ("root ::= foo", "Undefined rule identifier 'foo'"),
+        ('root ::= "a', "unexpected end of input"),
+        ('answer ::= "a"', "grammar does not contain a 'root' symbol"),
+        ('root ::= root "a"', "left recursion"),
+    ],
+)
+def test_invalid_grammar_is_refused_naming_the_problem(tiny: Tiny, grammar: str, problem: str) -> None:
+    with pytest.raises(ValueError, match="invalid grammar") as err:
+        tiny.engine.submit([1, 2, 3], grammar=grammar)
+    assert problem in str(err.value)
+    assert tiny.engine.idle and tiny.engine.stats()["n_waiting"] == 0
+
+
+def test_a_grammar_needs_the_engine_vocabulary(tiny_model: Callable[..., Path]) -> None:
+    engine = _native.BatchEngine(_native.Model(str(tiny_model("qwen3", "F32"))), n_blocks=16)
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine.submit([1, 2, 3], grammar=json_grammar(None))
+
+
+@pytest.mark.parametrize("mode", ["lossless", "adaptive"])
+def test_early_exit_under_a_grammar(tiny_model: Callable[..., Path], mode: str) -> None:
+    """Lossless: the same tokens as full depth under the grammar (drafts it rules out are not accepted).
+    Adaptive: exits weigh only the allowed shortlisted tokens; the output keeps to the grammar."""
+    path = tiny_model("llama", "F32", n_layer=4)
+    grammar = json_grammar(SCHEMA)
+    requests = [{"prompt": p, "temperature": 0.0, "max_tokens": 120, "grammar": grammar} for p in PROMPTS]
+    full = Tiny(path).run(requests)
+    t = Tiny(path, exit_layers=[1, 2], exit_thresholds=[0.05, 0.05], always_draft=True)
+    t.engine.set_shortlist(list(range(0, t.vocab.n_tokens, 2)))  # half the vocabulary: some allowed, some not
+    out = t.run([{**r, "exit_mode": mode} for r in requests])
+    for tokens, finish in out:
+        assert finish == "stop"
+        check_schema(json.loads(t.text(tokens)))
+    stats = t.engine.stats()
+    if mode == "lossless":
+        assert out == full and stats["drafted"] > 0
+    else:
+        assert sum(stats["exits_per_layer"][:4]) > 0  # some tokens did exit early
+
+
+def test_engine_generates_json_and_validates_the_option(tiny_model: Callable[..., Path]) -> None:
+    engine = Engine(tiny_model("gemma3", "Q8_0"), n_ctx=256, n_threads=2)
+    opts = SamplingOptions(temperature=0.0, max_tokens=200, grammar=json_grammar(SCHEMA))
+    check_schema(json.loads(engine.generate_text("the quick brown", opts)))
+    with pytest.raises(ValueError, match="grammar"):
+        SamplingOptions(grammar="root ::= \0").validate()
+
+
+def test_json_grammar_refuses_what_it_cannot_convert() -> None:
+    with pytest.raises(ValueError, match="JSON Schema"):
+        json_grammar({"type": "no-such-type"})
+    assert "\\x00-\\x1F" in json_grammar(None)  # JSON strings take no raw control characters
+
+
+def test_normalize_keeps_grammar_requests_local() -> None:
+    grammar = json_grammar(None)
+    inp = GenerateInput(prompt="hi", sampling=SamplingInput(grammar=grammar))
+    req = normalize(inp, "t", chat=False, default_max_tokens=16)
+    assert req.sampling.grammar == grammar and req.route_policy == "local_only"
+    assert normalize(GenerateInput(prompt="hi"), "t", chat=False, default_max_tokens=16).route_policy == "auto"
+    with pytest.raises(InvalidArgument) as err:
+        normalize(
+            GenerateInput(prompt="hi", sampling=SamplingInput(grammar=grammar), route_policy="cloud_only"),
+            "t",
+            chat=False,
+            default_max_tokens=16,
+        )
+    assert err.value.field == "sampling.grammar"
+
+
+def test_grpc_sampling_takes_a_grammar_or_a_json_schema() -> None:
+    from appliance.edge.grpc.proto import pb2
+    from appliance.edge.grpc.server import input_from_proto
+
+    def sampling(**kw: str) -> SamplingInput:
+        pb = pb2()
+        return input_from_proto(pb.GenerateRequest(prompt="x", sampling=pb.Sampling(**kw))).sampling
+
+    assert sampling(json_schema=json.dumps(SCHEMA)).grammar == json_grammar(SCHEMA)
+    assert sampling(json_schema="{}").grammar == json_grammar(None)
+    assert sampling(grammar='root ::= "a"').grammar == 'root ::= "a"'
+    assert sampling().grammar == ""
+    for kw in (
+        {"json_schema": "{not json"},
+        {"json_schema": '{"type": "nope"}'},
+        {"json_schema": "{}", "grammar": "x"},
+    ):
+        with pytest.raises(InvalidArgument) as err:
+            sampling(**kw)
+        assert err.value.field == "sampling.json_schema"

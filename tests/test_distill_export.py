@@ -13,6 +13,7 @@ import gguf
 import numpy as np
 import pytest
 from reference import ref_load, ref_logits
+from torch_threads import one_torch_thread  # noqa: F401 (an autouse fixture: torch on one thread here)
 
 pytest.importorskip("torch")
 pytest.importorskip("peft")
@@ -23,17 +24,6 @@ from appliance.distill.train import ALL_LINEAR, TrainConfig, attach_lora, load_m
 
 Q = gguf.GGMLQuantizationType
 TEXT = "hello world the of and to a in is it you that he was for on are with as I his they"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """One thread: the machine's cores are shared, and torch's spinning threads slow down badly then."""
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _lora_llama(base: Path, adapter: Path) -> object:

@@ -7,7 +7,6 @@ real loopback HTTP "cloud" otherwise, capturing that answer."""
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ import grpc
 import pytest
 from fake_cloud import Answer, FakeCloud, openai_stream
 from test_adapters import write_adapter
-from test_service_support import TOKENS, ServerProcess, write_config
+from test_service_support import TOKENS, ServerProcess, ledger_row, write_config
 from tinymodels import tiny_config
 
 from appliance.cli.main import main
@@ -202,16 +201,6 @@ def _http(srv: ServerProcess, path: str, body: dict[str, Any] | None = None, ten
         return e.code, json.loads(e.read())
 
 
-def _ledger(srv: ServerProcess, request_id: str) -> sqlite3.Row:
-    conn = sqlite3.connect(srv.config.parent / "state" / "ledger.sqlite")
-    conn.row_factory = sqlite3.Row
-    try:
-        row: sqlite3.Row = conn.execute("SELECT * FROM requests WHERE request_id=?", (request_id,)).fetchone()
-    finally:
-        conn.close()
-    return row
-
-
 def _teacher(srv: ServerProcess, tenant: str) -> list[Any]:
     with TeacherStore(srv.config.parent / "state" / "teacher.sqlite") as store:
         return list(store.examples(tenant))
@@ -239,7 +228,7 @@ def test_a_task_goes_to_the_cloud_and_is_captured_per_tenant(served: ServerProce
         g = c.generate(prompt=PROMPT, model="triage", max_tokens=8, request_id="t-cloud-2")
     assert r.route == ROUTE_CLOUD and r.route_reason == "task" and r.text == " lost_or_stolen_card"
     assert g.route == ROUTE_CLOUD and g.text == " globex answer"
-    assert _ledger(served, "t-cloud-1")["task"] == "triage"
+    assert ledger_row(served, "t-cloud-1")["task"] == "triage"
     mine = [e for e in _teacher(served, "acme") if e.request_id == "t-cloud-1"]
     assert len(mine) == 1 and mine[0].task == "triage" and mine[0].prompt == PROMPT
     assert mine[0].answer == " lost_or_stolen_card" and mine[0].model == "gpt-test"
@@ -275,10 +264,10 @@ def test_a_promoted_task_is_served_under_its_adapter_and_escalates_when_unsure(
         unsure = c.generate(**ask, model="intents", stop=stop, request_id="t-unsure")
     assert sure.route == ROUTE_LOCAL and sure.model == "triage-v1" and sure.route_reason == "task_model"
     assert sure.text and probe.text.startswith(sure.text) and sure.finish_reason == "stop"
-    row = _ledger(served, "t-sure")
+    row = ledger_row(served, "t-sure")
     assert row["task"] == "triage" and row["confident"] == 1 and row["model"] == "triage-v1"
     assert unsure.route == ROUTE_CLOUD and unsure.route_reason == "task_unsure" and unsure.text == " card_lost"
-    assert _ledger(served, "t-unsure")["task"] == "intents"
+    assert ledger_row(served, "t-unsure")["task"] == "intents"
     captured = [e for e in _teacher(served, "acme") if e.request_id == "t-unsure"]
     assert len(captured) == 1 and captured[0].task == "intents" and captured[0].answer == " card_lost"
     # the prometheus counters per task and adapter

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from greedy import ours_greedy
 from reference import ref_greedy
+from torch_threads import one_torch_thread  # noqa: F401 (an autouse fixture: torch on one thread here)
 
 pytest.importorskip("torch")
 pytest.importorskip("peft")
@@ -47,17 +48,6 @@ def task_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
 def write_jsonl(path: Path, rows: list[dict[str, str]]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """One thread: the machine's cores are shared, and torch's spinning threads slow down badly then."""
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,12 @@ on loopback), and a cloud that cannot be reached."""
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_service_support import ServerProcess, write_config
+from test_service_support import ServerProcess, ledger_row, write_config
 
 from appliance.bench.common import free_port, start_llama_server
 
@@ -47,16 +46,6 @@ def served(tiny_model: Any, llama_cloud: str, tmp_path_factory: pytest.TempPathF
     assert srv.stop() == 0
 
 
-def _ledger(srv: ServerProcess, request_id: str) -> sqlite3.Row:
-    conn = sqlite3.connect(srv.config.parent / "state" / "ledger.sqlite")
-    conn.row_factory = sqlite3.Row
-    try:
-        row: sqlite3.Row = conn.execute("SELECT * FROM requests WHERE request_id=?", (request_id,)).fetchone()
-    finally:
-        conn.close()
-    return row
-
-
 def test_cloud_only_streams_the_cloud_answer_and_prices_it(served: ServerProcess) -> None:
     with served.client("acme") as c:
         chunks = list(
@@ -74,7 +63,7 @@ def test_cloud_only_streams_the_cloud_answer_and_prices_it(served: ServerProcess
     assert "".join(ch.delta for ch in chunks[:-1]) == final.text and final.text
     assert final.usage.completion_tokens > 0 and final.usage.prompt_tokens > 0
     assert final.usage.cost == pytest.approx(final.usage.counterfactual_cost) and final.usage.cost > 0
-    row = _ledger(served, "cloud-1")
+    row = ledger_row(served, "cloud-1")
     assert row["route"] == "cloud" and row["route_reason"] == "policy" and row["degraded"] == 0
     assert row["cost"] == pytest.approx(final.usage.cost)
 
@@ -94,7 +83,7 @@ def test_cascade_escalates_a_truncated_local_answer(served: ServerProcess) -> No
     with served.client("acme") as c:
         r = c.generate(messages=[("user", EASY)], max_tokens=6, temperature=0, cache_policy=1, request_id="casc-1")
     assert r.route == ROUTE_CLOUD and r.route_reason == "cascade" and r.model == "cloud-gemma"
-    assert _ledger(served, "casc-1")["route_reason"] == "cascade"
+    assert ledger_row(served, "casc-1")["route_reason"] == "cascade"
 
 
 def test_cascade_checks_a_held_answer_as_it_grows(tiny_model: Any, llama_cloud: str, tmp_path: Path) -> None:
@@ -139,7 +128,7 @@ def test_monthly_budget_reached_answers_locally_and_says_so(served: ServerProces
     with served.client("globex") as c:
         r = c.generate(messages=[("user", HARD)], max_tokens=8, temperature=0, cache_policy=1, request_id="bud-1")
     assert r.route == ROUTE_LOCAL and r.degraded and r.route_reason == "budget_monthly"
-    row = _ledger(served, "bud-1")
+    row = ledger_row(served, "bud-1")
     assert row["degraded"] == 1 and row["route_reason"] == "budget_monthly"
 
 
@@ -199,7 +188,7 @@ def test_anthropic_cloud_through_the_service_and_context_overflow(tiny_model: An
         assert u.counterfactual_cost == pytest.approx((510 * 1.0 + 2 * 5.0) / 1e6)
         _, headers, body = cloud.requests[0]
         assert headers["x-api-key"] == "ant-secret" and body["model"] == "claude-x"
-        assert _ledger(srv, "long-1")["cache_write_tokens"] == 100
+        assert ledger_row(srv, "long-1")["cache_write_tokens"] == 100
         assert "ant-secret" not in (tmp_path / "server.log").read_text()
     finally:
         assert srv.stop() == 0
@@ -279,7 +268,7 @@ def test_deadline_while_the_cascade_holds_the_answer_frees_the_kv(
             assert metric("appliance_engine_sequences_running") == 0
             after = c.generate(messages=[("user", EASY)], max_tokens=4, temperature=0, route_policy=LOCAL_ONLY)
         assert after.route == ROUTE_LOCAL and after.text
-        row = _ledger(srv, "held-1")
+        row = ledger_row(srv, "held-1")
         assert row["finish_reason"] == "cancelled" and row["route"] == "local"
     finally:
         assert srv.stop() == 0

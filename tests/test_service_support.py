@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -114,3 +115,14 @@ class ServerProcess:
     def kill9(self) -> None:
         self.proc.kill()
         self.proc.wait()
+
+
+def ledger_row(srv: ServerProcess, request_id: str) -> sqlite3.Row:
+    """The server's ledger row for a request id (read from its SQLite file)."""
+    conn = sqlite3.connect(srv.config.parent / "state" / "ledger.sqlite")
+    conn.row_factory = sqlite3.Row
+    try:
+        row: sqlite3.Row = conn.execute("SELECT * FROM requests WHERE request_id=?", (request_id,)).fetchone()
+    finally:
+        conn.close()
+    return row

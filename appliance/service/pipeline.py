@@ -290,20 +290,8 @@ class Pipeline:
                     yield d
         if not escalate or cloud is None:
             return
-        local_cost = self.pricing.local_cost(out.usage.prompt_tokens, out.usage.completion_tokens)
-        async for delta in self._cloud(req, built, cloud, out, t0):
+        async for delta in self._escalate(req, built, tokens, cloud, out, t0, held):
             yield delta
-        if out.route == "cloud":
-            out.local_cost = local_cost
-            return
-        if out.finish == "cancelled":  # the cloud failed and the local answer had been cut short
-            out.parts.clear()
-            out.usage.completion_tokens = 0
-            async for delta in self._local(req, tokens, out, t0):
-                yield delta
-        else:
-            for d in held:
-                yield d
 
     async def _task_local(
         self,
@@ -348,17 +336,32 @@ class Pipeline:
             out.low,
             threshold,
         )
+        async for delta in self._escalate(req, built, tokens, cloud, out, t0, held, serving.adapter):
+            yield delta
+
+    async def _escalate(
+        self,
+        req: Request,
+        built: Built,
+        tokens: list[int],
+        cloud: CloudBackend,
+        out: Served,
+        t0: float,
+        held: list[Delta],
+        adapter: int = 0,
+    ) -> AsyncGenerator[Delta, None]:
+        """The cloud answers instead of the held local answer. If the cloud fails, the local answer
+        is sent after all (degraded, cloud_error): generated again when it had been cut short."""
         local_cost = self.pricing.local_cost(out.usage.prompt_tokens, out.usage.completion_tokens)
         async for delta in self._cloud(req, built, cloud, out, t0):
             yield delta
         if out.route == "cloud":
             out.local_cost = local_cost
             return
-        # the cloud failed: the task model's answer is sent after all (degraded, cloud_error)
         if out.finish == "cancelled":
             out.parts.clear()
             out.usage.completion_tokens = 0
-            async for delta in self._local(req, tokens, out, t0, adapter=serving.adapter):
+            async for delta in self._local(req, tokens, out, t0, adapter=adapter):
                 yield delta
         else:
             for d in held:

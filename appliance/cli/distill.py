@@ -11,9 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from appliance.cli.distill_train import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from appliance.common.config import Config, ConfigError, load_config
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 _DESCRIPTION = """\
 The distillation loop. With capture on ([distill] capture = true, or a tenant's own `capture`), the

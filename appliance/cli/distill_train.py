@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2  # the exit statuses of every `appliance distill` action
 
 _TRAIN_DESCRIPTION = """\
 Train a LoRA adapter on the model the appliance serves (the same GGUF file, loaded by transformers

@@ -16,9 +16,17 @@ import numpy.typing as npt
 from llama_cpp import _internals
 
 
-def ref_load(path: str | Path, n_ctx: int = 512, n_threads: int = 2, logits_all: bool = False) -> llama_cpp.Llama:
+def ref_load(
+    path: str | Path,
+    n_ctx: int = 512,
+    n_threads: int = 2,
+    logits_all: bool = False,
+    lora: str | Path | None = None,
+    lora_scale: float = 1.0,
+) -> llama_cpp.Llama:
     """Load a model the way llama.cpp runs it by default on a CPU (weights repacked for its fastest
-    kernels), quietly, seed 0, with flash attention on as our engine uses it.
+    kernels), quietly, seed 0, with flash attention on as our engine uses it; `lora`: a LoRA GGUF
+    adapter applied at `lora_scale`.
 
     Raises ValueError when llama.cpp refuses the file.
     """
@@ -32,6 +40,8 @@ def ref_load(path: str | Path, n_ctx: int = 512, n_threads: int = 2, logits_all:
         n_gpu_layers=0,
         flash_attn=True,
         logits_all=logits_all,
+        lora_path=None if lora is None else str(lora),
+        lora_scale=lora_scale,
         seed=0,
         verbose=False,
     )

@@ -95,22 +95,7 @@ def write_adapter(
 
 
 def ref_with_lora(model: Path, lora: Path | None, scale: float = 1.0) -> llama_cpp.Llama:
-    if lora is None:
-        return ref_load(model, n_ctx=256)
-    return llama_cpp.Llama(
-        model_path=str(model),
-        lora_path=str(lora),
-        lora_scale=scale,
-        n_ctx=256,
-        n_batch=256,
-        n_ubatch=256,
-        n_threads=2,
-        n_threads_batch=2,
-        n_gpu_layers=0,
-        flash_attn=True,
-        seed=0,
-        verbose=False,
-    )
+    return ref_load(model, n_ctx=256, lora=lora, lora_scale=scale)
 
 
 def run(engine: _native.BatchEngine, reqs: list[tuple[list[int], int]], n: int, **kw: Any) -> list[list[int]]:

@@ -26,24 +26,6 @@ Q = gguf.GGMLQuantizationType
 TEXT = "hello world the of and to a in is it you that he was for on are with as I his they"
 
 
-def _lora_llama(base: Path, adapter: Path) -> object:
-    import llama_cpp
-
-    return llama_cpp.Llama(
-        model_path=str(base),
-        lora_path=str(adapter),
-        n_ctx=128,
-        n_batch=128,
-        n_ubatch=128,
-        n_threads=1,
-        n_threads_batch=1,
-        n_gpu_layers=0,
-        flash_attn=True,
-        seed=0,
-        verbose=False,
-    )
-
-
 @contextlib.contextmanager
 def _closing(llm: object) -> Iterator[object]:
     try:
@@ -95,7 +77,7 @@ def test_adapter_in_llama_cpp_matches_peft(
     with _closing(ref_load(base)) as plain:
         tokens = plain.tokenize(TEXT.encode(), add_bos=True)  # type: ignore[attr-defined]
         base_logits = ref_logits(plain, tokens)  # type: ignore[arg-type]
-    with _closing(_lora_llama(base, path)) as llm:
+    with _closing(ref_load(base, n_ctx=128, n_threads=1, lora=path)) as llm:
         ours = ref_logits(llm, tokens)  # type: ignore[arg-type]
     with torch.no_grad():
         theirs = model(torch.tensor([tokens])).logits[0].numpy()  # type: ignore[operator]
@@ -115,7 +97,7 @@ def test_merged_f32_in_our_core_matches_llama_cpp_lora(
     lora = export.write_adapter(adapter, tmp_path / "a.lora.gguf")
     merged = export.merge(adapter, base, tmp_path / "m.gguf", quantize=False)
 
-    with _closing(_lora_llama(base, lora)) as llm:
+    with _closing(ref_load(base, n_ctx=128, n_threads=1, lora=lora)) as llm:
         tokens = llm.tokenize(TEXT.encode(), add_bos=True)  # type: ignore[attr-defined]
         ref = ref_logits(llm, tokens)  # type: ignore[arg-type]
     ctx = _native.Context(_native.Model(str(merged), use_gpu=False), n_ctx=128, n_threads=1)

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from greedy import ours_greedy
-from reference import ref_greedy
+from reference import ref_greedy, ref_load
 from torch_threads import one_torch_thread  # noqa: F401 (an autouse fixture: torch on one thread here)
 
 pytest.importorskip("torch")
@@ -101,15 +101,6 @@ def _until_eos(tokens: list[int], eos: int) -> list[int]:
     return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
 
 
-def _lora_llama(base: Path, lora: Path) -> Any:
-    import llama_cpp
-
-    return llama_cpp.Llama(
-        model_path=str(base), lora_path=str(lora), n_ctx=128, n_batch=128, n_ubatch=128, n_threads=1,
-        n_threads_batch=1, n_gpu_layers=0, flash_attn=True, seed=0, verbose=False,
-    )  # fmt: skip
-
-
 def test_tiny_model_learns_the_task(trained: dict[str, Any]) -> None:
     r = trained["result"]
     assert r.train_examples == 72 and r.val_examples == 8
@@ -124,7 +115,7 @@ def test_tiny_model_learns_the_task(trained: dict[str, Any]) -> None:
 
 
 def test_adapter_in_llama_cpp_gives_the_peft_greedy_output(trained: dict[str, Any]) -> None:
-    llm = _lora_llama(trained["base"], trained["lora"])
+    llm = ref_load(trained["base"], n_ctx=128, n_threads=1, lora=trained["lora"])
     try:
         for ex, peft in zip(trained["probe"], trained["peft_out"], strict=True):
             ref = _until_eos(ref_greedy(llm, list(ex.prompt), len(ex.answer) + 1), trained["eos"])
@@ -142,7 +133,7 @@ def test_merged_model_in_our_core_gives_llama_cpp_base_plus_adapter_output(train
     assert types == {t.name: t.tensor_type for t in gguf.GGUFReader(str(base)).tensors}
     vocab = _native.Vocab(str(base))
     ctx = _native.Context(_native.Model(str(merged), use_gpu=False), n_ctx=128, n_threads=1)
-    llm = _lora_llama(base, trained["lora"])
+    llm = ref_load(base, n_ctx=128, n_threads=1, lora=trained["lora"])
     same = 0
     try:
         for ex in trained["examples"][:12]:

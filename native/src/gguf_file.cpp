@@ -47,26 +47,37 @@ GgufFile::GgufFile(const std::string & path) : path_(path) {
     }
     data_offset_ = gguf_get_data_offset(gguf_);
 
+    // a constructor that throws runs no destructor: free the metadata read so far on every refusal
+    // below (found by native/fuzz: each rejected file leaked its whole key/value and tensor table)
+    auto refuse = [&](const std::string & what) {
+        ::close(fd);
+        gguf_free(gguf_);
+        ggml_free(meta_);
+        gguf_ = nullptr;
+        meta_ = nullptr;
+        throw ModelFormatError(errmsg(path, what));
+    };
+
     // every tensor must lie inside the file: a truncated download fails here, not at first use
     const int64_t n = gguf_get_n_tensors(gguf_);
     for (int64_t i = 0; i < n; ++i) {
         const char *        name = gguf_get_tensor_name(gguf_, i);
         const ggml_tensor * t    = ggml_get_tensor(meta_, name);
-        const size_t        off  = data_offset_ + gguf_get_tensor_offset(gguf_, i);
+        const size_t        rel  = gguf_get_tensor_offset(gguf_, i);
+        const size_t        off  = data_offset_ + rel;  // checked below without wrapping around
         const size_t        size = ggml_nbytes(t);
-        if (off > file_size_ || size > file_size_ - off) {
-            ::close(fd);
-            throw ModelFormatError(errmsg(path, std::string("tensor '") + name + "' extends past the end of the file (" +
-                                                    std::to_string(file_size_) + " bytes): the file is truncated"));
+        if (data_offset_ > file_size_ || rel > file_size_ - data_offset_ || size > file_size_ - off) {
+            refuse(std::string("tensor '") + name + "' extends past the end of the file (" + std::to_string(file_size_) +
+                   " bytes): the file is truncated");
         }
     }
 
     map_ = ::mmap(nullptr, file_size_, PROT_READ, MAP_SHARED, fd, 0);
-    ::close(fd);
     if (map_ == MAP_FAILED) {
         map_ = nullptr;
-        throw ModelFormatError(errmsg(path, std::string("mmap failed: ") + std::strerror(errno)));
+        refuse(std::string("mmap failed: ") + std::strerror(errno));
     }
+    ::close(fd);
     ::posix_madvise(map_, file_size_, POSIX_MADV_WILLNEED);
 }
 
@@ -151,9 +162,15 @@ std::vector<int64_t> GgufFile::get_int_arr(const std::string & key) const {
     if (id < 0 || gguf_get_kv_type(gguf_, id) != GGUF_TYPE_ARRAY) {
         return out;
     }
-    const size_t n    = gguf_get_arr_n(gguf_, id);
+    const size_t    n    = gguf_get_arr_n(gguf_, id);
+    const gguf_type type = gguf_get_arr_type(gguf_, id);
+    // ggml aborts the process when asked for the data of a string array: refuse any other type first
+    // (found by native/fuzz: a string array under an integer key)
+    if (type != GGUF_TYPE_INT32 && type != GGUF_TYPE_UINT32 && type != GGUF_TYPE_BOOL && type != GGUF_TYPE_UINT8) {
+        throw ModelFormatError(errmsg(path_, "metadata array '" + key + "' should hold integers"));
+    }
     const void * data = gguf_get_arr_data(gguf_, id);
-    switch (gguf_get_arr_type(gguf_, id)) {
+    switch (type) {
         case GGUF_TYPE_INT32:
             for (size_t i = 0; i < n; ++i) out.push_back(static_cast<const int32_t *>(data)[i]);
             break;

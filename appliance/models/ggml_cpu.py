@@ -198,8 +198,21 @@ def load(directory: Path | None = None) -> Loaded:
     ggml.ggml_backend_load.argtypes = [ctypes.c_char_p]
     if not ggml.ggml_backend_load(str(best.path).encode()):
         raise CpuBackendError(f"ggml could not load {best.path}")
+    _load_gpu_module(ggml, directory)
     _loaded = Loaded(best.name, best.path, tuple(cands))
     return _loaded
+
+
+def _load_gpu_module(ggml: ctypes.CDLL, directory: Path) -> None:
+    """The bundle's CUDA flavour also ships libggml-cuda.so: loaded where it can run. Without the CUDA
+    runtime libraries or a driver it does not load, and everything runs on the CPU (one log line)."""
+    module = directory / "libggml-cuda.so"
+    if module.is_file() and not ggml.ggml_backend_load(str(module).encode()):
+        import logging
+
+        logging.getLogger("appliance.ggml").warning(
+            "%s did not load (no CUDA runtime or driver on this machine): running on the CPU", module.name
+        )
 
 
 def loaded() -> Loaded | None:

@@ -13,7 +13,8 @@ namespace appliance {
 struct Model;
 
 // Storage: per layer one K and one V tensor of shape [n_embd_gqa, n_cells], F16, V not transposed
-// (the layout flash attention reads), all in one buffer on the model's device. Sliding-window layers
+// (the layout flash attention reads), in one buffer per device (each layer's K/V where its weights
+// are: Model::layer_device). Sliding-window layers
 // have a pool of their own, of n_cells_swa cells (they keep only the window).
 class KvStorage {
 public:
@@ -32,8 +33,8 @@ public:
 private:
     uint32_t                   n_cells_;
     uint32_t                   n_cells_swa_;
-    ggml_context *             ctx_ = nullptr;
-    ggml_backend_buffer_t      buf_ = nullptr;
+    std::vector<ggml_context *>         ctxs_;
+    std::vector<ggml_backend_buffer_t>  bufs_;
     std::vector<ggml_tensor *> k_, v_;
 };
 

@@ -6,7 +6,11 @@
 #include "cpu_backend.h"
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <map>
+#include <mutex>
 
 namespace appliance {
 
@@ -78,7 +82,46 @@ ggml_backend_buffer_t upload(ggml_backend_buffer_type_t buft, const std::vector<
     return buf;
 }
 
+// "blk.N.*" -> N; -1 for the tensors outside the layers
+int layer_of(const ggml_tensor * t) {
+    const char * name = ggml_get_name(t);
+    if (std::strncmp(name, "blk.", 4) != 0) return -1;
+    return std::atoi(name + 4);
+}
+
+// A CUDA (or other GPU) build on a machine without that GPU: its registry is there with no device.
+// Said once per process, in one line, since everything then runs on the CPU.
+void note_missing_gpu() {
+    static std::once_flag once;
+    std::call_once(once, [] {
+        for (size_t i = 0; i < ggml_backend_reg_count(); ++i) {
+            ggml_backend_reg_t reg = ggml_backend_reg_get(i);
+            if (ggml_backend_reg_dev_count(reg) == 0 && std::strcmp(ggml_backend_reg_name(reg), "CPU") != 0) {
+                std::fprintf(stderr, "appliance: this build has ggml's %s backend but it finds no GPU: running on the CPU\n",
+                             ggml_backend_reg_name(reg));
+                return;
+            }
+        }
+    });
+}
+
 }  // namespace
+
+std::vector<ggml_backend_dev_t> place_layers(uint32_t n_layer, int gpu_layers, ggml_backend_dev_t gpu,
+                                             ggml_backend_dev_t cpu, bool * output_on_gpu) {
+    const bool     all     = gpu_layers < 0 || static_cast<uint32_t>(gpu_layers) > n_layer;
+    const uint32_t n_gpu   = gpu == nullptr ? 0 : all ? n_layer : static_cast<uint32_t>(gpu_layers);
+    std::vector<ggml_backend_dev_t> out(n_layer, cpu);
+    for (uint32_t il = n_layer - n_gpu; il < n_layer; ++il) out[il] = gpu;
+    *output_on_gpu = gpu != nullptr && all;
+    return out;
+}
+
+uint32_t Model::n_gpu_layers() const {
+    ggml_backend_dev_t cpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    return static_cast<uint32_t>(std::count_if(layer_device.begin(), layer_device.end(),
+                                               [cpu](ggml_backend_dev_t d) { return d != cpu; }));
+}
 
 ggml_backend_buffer_type_t matmul_buft(const Model & m, ggml_tensor * w) {
     ggml_backend_dev_t cpu_dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
@@ -188,9 +231,15 @@ std::unique_ptr<Model> Model::load(const std::string & path, const ModelParams &
     if (cpu_dev == nullptr) {
         throw RuntimeFailure("ggml has no CPU backend");
     }
-    ggml_backend_dev_t gpu_dev = params.use_gpu ? ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_GPU) : nullptr;
-    m->device     = gpu_dev ? gpu_dev : cpu_dev;
-    m->use_repack = params.use_repack;
+    ggml_backend_dev_t gpu_dev = nullptr;
+    if (params.use_gpu && params.gpu_layers != 0) {
+        gpu_dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_GPU);
+        if (gpu_dev == nullptr) note_missing_gpu();
+    }
+    m->device       = gpu_dev ? gpu_dev : cpu_dev;
+    m->use_repack   = params.use_repack;
+    m->layer_device = place_layers(m->hp.n_layer, params.gpu_layers, gpu_dev, cpu_dev, &m->output_on_device);
+    if (gpu_dev == nullptr) m->output_on_device = true;  // the device is the CPU
 
     TensorLoader tl(f, cpu_dev);
     m->spec->load_tensors(*m, tl);
@@ -199,13 +248,20 @@ std::unique_ptr<Model> Model::load(const std::string & path, const ModelParams &
     // place the weights
     std::map<ggml_backend_buffer_type_t, std::vector<ggml_tensor *>> uploads;
     std::vector<ggml_tensor *> mapped;
-    if (gpu_dev != nullptr) {
-        for (const auto & e : tl.entries()) {
-            uploads[ggml_backend_dev_buffer_type(gpu_dev)].push_back(e.t);
-        }
-    } else {
+    {
+        // on the GPU: the offloaded layers (and the rest with them when all are); the others as on the CPU
+        auto on_gpu = [&](const ggml_tensor * t) {
+            const int il = layer_of(t);
+            if (gpu_dev == nullptr) return false;
+            if (il < 0 || static_cast<uint32_t>(il) >= m->layer_device.size()) return m->output_on_device;
+            return m->layer_device[il] == gpu_dev;
+        };
         const auto extra = params.use_repack ? cpu_extra_bufts(cpu_dev) : std::vector<ggml_backend_buffer_type_t>{};
         for (const auto & e : tl.entries()) {
+            if (on_gpu(e.t)) {
+                uploads[ggml_backend_dev_buffer_type(gpu_dev)].push_back(e.t);
+                continue;
+            }
             ggml_backend_buffer_type_t chosen = nullptr;
             if (e.matmul && !e.get_rows) {
                 for (ggml_backend_buffer_type_t buft : extra) {

@@ -40,6 +40,9 @@ struct LayerWeights {
 struct ModelParams {
     bool use_gpu   = true;   // put weights and compute on the first GPU device if ggml has one
     bool use_repack = true;  // let the CPU backend repack matrices for its fastest kernels
+    // llama.cpp's -ngl: how many of the last layers (their weights and K/V) live on the GPU; more than
+    // n_layer also puts the embeddings, output norm and head there; < 0: everything (the default)
+    int gpu_layers = -1;
 };
 
 struct Model {
@@ -54,6 +57,8 @@ struct Model {
 
     std::unique_ptr<GgufFile>          file;
     ggml_backend_dev_t                 device = nullptr;  // where the graph runs (GPU or CPU)
+    std::vector<ggml_backend_dev_t>    layer_device;      // per layer: where its weights and K/V live
+    bool                               output_on_device = true;  // embeddings, output norm, head on `device`
     std::vector<ggml_backend_buffer_t> buffers;
     size_t                             weight_bytes = 0;
     bool                               use_repack   = true;
@@ -65,7 +70,15 @@ struct Model {
 
     // Throws ModelFormatError for anything wrong with the file.
     static std::unique_ptr<Model> load(const std::string & path, const ModelParams & params);
+
+    // layers whose weights are on the GPU (0 on the CPU)
+    uint32_t n_gpu_layers() const;
 };
+
+// Which device each layer goes to for `gpu_layers` (llama.cpp's -ngl: the last ones on the GPU), and
+// whether the non-layer weights go there too (gpu_layers > n_layer, or < 0). `gpu` may be nullptr.
+std::vector<ggml_backend_dev_t> place_layers(uint32_t n_layer, int gpu_layers, ggml_backend_dev_t gpu,
+                                             ggml_backend_dev_t cpu, bool * output_on_gpu);
 
 // The buffer type a matrix like `w` that mat-mul reads should live in on the model's device: a CPU
 // repack type when one takes it (and the model was loaded with use_repack), else the device's own.

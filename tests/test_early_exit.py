@@ -28,6 +28,7 @@ from appliance.engine.early_exit import (
 )
 from appliance.engine.exit_calibrate import calibrate
 from appliance.engine.sampling import ExitMode, SamplingOptions
+from appliance.service.metrics import Metrics, early_exit_gauges
 
 TINY_PROMPTS = ["the quick brown fox", "hello world and", "one two three four", "a b c d e f", "zebra"]
 
@@ -136,6 +137,32 @@ def test_lossless_on_default_model_matches_full_depth(default_model: Path) -> No
             assert top2[1] - top2[0] < KERNEL_NOISE
     st = engine.stats()
     assert st["accepted"] > 0 and st["accepted"] <= st["drafted"]
+
+
+def test_drafting_policy_measures_passes_and_decides(tiny_model: Callable[..., Path]) -> None:
+    """Without always_draft the engine decides per step from the pass times it measured (one step of
+    each kind at a new size first): the output stays full depth's, and the stats and the metrics
+    show the measurements and the decision."""
+    path = tiny_model("llama", "F32", n_layer=4)
+    vocab = _native.Vocab(str(path))
+    prompts = [list(vocab.tokenize(p)) for p in TINY_PROMPTS]
+    full, _ = run(tiny_engine(path, None), prompts, 24)
+    engine = tiny_engine(path, list(range(0, vocab.n_tokens, 2)), draft_max=6)
+    out, _ = run(engine, prompts[:1], 24, exit_mode="lossless")
+    assert out == full[:1]
+    st = engine.stats()
+    assert st["spec_steps"] >= 1 and st["plain_decode_steps"] >= 1  # both kinds measured at one sequence
+    assert set(st["spec_draft_us"]) >= {1} and set(st["spec_plain_us"]) >= {1} and st["spec_verify_us"]
+    assert all(us > 0 for us in st["spec_plain_us"].values())
+    assert 0.0 < st["spec_acceptance"] < 1.0  # half the vocabulary: drafts often miss
+    c = st["spec_choices"][1]
+    assert c["why"] in ("model", "refresh") and c["plain_us_per_token"] > 0 and c["spec_us_per_token"] > 0
+    if c["why"] == "model":  # the decision follows the prediction
+        assert c["drafting"] == (c["spec_us_per_token"] < c["plain_us_per_token"])
+    text = Metrics().render(early_exit_gauges(st))
+    assert 'appliance_early_exit_drafting{seqs="1"}' in text
+    assert 'appliance_early_exit_pass_ms{kind="plain",seqs="1"}' in text
+    assert text.count("# TYPE appliance_early_exit_pass_ms gauge") == 1
 
 
 def test_exit_requests_are_checked(tiny_model: Callable[..., Path]) -> None:

@@ -2,14 +2,15 @@
 
 Our engine serves the held-out prompts (appliance/engine/data/early_exit_eval_prompts.txt, none used by
 calibration) greedily, `concurrency` requests in flight at a time, once per mode: off (full depth),
-lossless (self-speculative, the engine's measured on/off policy included) and adaptive at three
-thresholds (the calibrated per-layer ones, then two fixed ones). Throughput is generated tokens over
-wall time (the prompts are about ten tokens, so it is nearly all decoding). Agreement compares each
-mode's tokens with full depth's, position by position (a token after a divergence rarely agrees, so
-this is the strict measure) and as exact-match of whole outputs; `local_agreement` is the share of
-tokens the full model itself would have picked after the same prefix (the per-token measure CALM
-uses). llama.cpp decodes random prompts of the same length through its own batched API
-(appliance.bench.batch), in a child process.
+lossless (self-speculative, the service's default, with the engine's drafting policy: a cost model
+over the pass times it measures; `lossless_policy` shows what it measured and decided at each
+concurrency) and adaptive at three thresholds (the calibrated per-layer ones, then two fixed ones).
+Throughput is generated tokens over wall time (the prompts are about ten tokens, so it is nearly all
+decoding). Agreement compares each mode's tokens with full depth's, position by position (a token
+after a divergence rarely agrees, so this is the strict measure) and as exact-match of whole
+outputs; `local_agreement` is the share of tokens the full model itself would have picked after the
+same prefix (the per-token measure CALM uses). llama.cpp decodes random prompts of the same length
+through its own batched API (appliance.bench.batch), in a child process.
 """
 
 from __future__ import annotations
@@ -76,6 +77,24 @@ def local_agreement(ctx: _native.Context, prompts: list[list[int]], outs: list[l
     return agree / max(1, n)
 
 
+def policy_summary(stats: dict[str, Any], c: int) -> dict[str, Any]:
+    """What the lossless drafting policy measured and last decided at c sequences (spec_policy.h):
+    drafting or not, its draft-length cap, predicted ms per token of each kind, the draft's acceptance
+    and the share of decode steps that drafted so far."""
+    choice = stats["spec_choices"].get(c, {})
+    steps = stats["spec_steps"] + stats["plain_decode_steps"]
+    return {
+        "concurrency": c,
+        "drafting": choice.get("drafting"),
+        "cap": choice.get("cap"),
+        "why": choice.get("why"),
+        "spec_ms_per_token": round(choice.get("spec_us_per_token", 0.0) / 1e3, 3),
+        "plain_ms_per_token": round(choice.get("plain_us_per_token", 0.0) / 1e3, 3),
+        "acceptance": round(stats["spec_acceptance"], 3),
+        "drafting_share": round(stats["spec_steps"] / steps, 3) if steps else 0.0,
+    }
+
+
 def pass_costs(ctx: _native.Context, n_layer: int, exit_layers: list[int], reps: int = 20) -> dict[str, float]:
     """Milliseconds (best of `reps`) of one decode position's passes: what each part of early exit costs."""
 
@@ -102,7 +121,7 @@ def pass_costs(ctx: _native.Context, n_layer: int, exit_layers: list[int], reps:
 def bench_early_exit(
     model: str,
     threads: int,
-    concurrency: tuple[int, ...] = (1, 4, 8),
+    concurrency: tuple[int, ...] = (1, 4, 8, 16),
     n_prompts: int = 50,
     n_gen: int = 48,
     fixed_thresholds: tuple[float, ...] = (0.9, 0.8),
@@ -137,6 +156,7 @@ def bench_early_exit(
         "lossless_identical": [],
         "lossless_acceptance": [],
         "lossless_speedup": [],
+        "lossless_policy": [],
         "adaptive": [],
         "ref_decode_tps": [],
     }
@@ -168,6 +188,7 @@ def bench_early_exit(
                 res["lossless_identical"].append(round(exact, 3))
                 res["lossless_acceptance"].append(round(tally["accepted"] / max(1, tally["drafted"]), 3))
                 res["lossless_speedup"].append(round(tps / res["off_tps"][-1], 3))
+                res["lossless_policy"].append(policy_summary(engine.stats(), c))
             elif name == "adaptive":
                 adaptive.append(
                     {

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from appliance.common.types import Result
 
@@ -18,6 +19,26 @@ def _labels(**kv: str) -> str:
         f'{k}="{v.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"' for k, v in kv.items()
     )
     return "{" + inner + "}"
+
+
+def early_exit_gauges(stats: Mapping[str, Any]) -> dict[str, float]:
+    """The lossless drafting policy from the engine's stats (BatchEngine.stats()): the draft's
+    measured acceptance and, per number of decoding sequences, whether it drafts, its draft-length
+    cap, the predicted milliseconds per token of drafting and of plain steps, and the measured pass
+    times (draft and plain by sequences, verification by drafted positions)."""
+    out: dict[str, float] = {"appliance_early_exit_acceptance": float(stats.get("spec_acceptance", 0.0))}
+    for n, c in stats.get("spec_choices", {}).items():
+        seqs = _labels(seqs=str(n))
+        out[f"appliance_early_exit_drafting{seqs}"] = 1.0 if c["drafting"] else 0.0
+        out[f"appliance_early_exit_draft_cap{seqs}"] = float(c["cap"] if c["drafting"] else 0)
+        for kind in ("spec", "plain"):
+            out[f"appliance_early_exit_predicted_ms_per_token{_labels(seqs=str(n), kind=kind)}"] = (
+                c[f"{kind}_us_per_token"] / 1e3
+            )
+    for kind, rows in (("draft", "seqs"), ("plain", "seqs"), ("verify", "positions")):
+        for n, us in stats.get(f"spec_{kind}_us", {}).items():
+            out[f"appliance_early_exit_pass_ms{_labels(kind=kind, **{rows: str(n)})}"] = us / 1e3
+    return out
 
 
 class Metrics:
@@ -88,8 +109,13 @@ class Metrics:
                 out.append(f"appliance_request_seconds_bucket{_labels(method=method, le=le)} {acc}")
             out.append(f"appliance_request_seconds_sum{_labels(method=method)} {self.latency_sum[method]:.6f}")
             out.append(f"appliance_request_seconds_count{_labels(method=method)} {acc}")
-        for name, value in sorted(gauges.items()):
-            out += [f"# TYPE {name} gauge", f"{name} {value:g}"]
+        typed: set[str] = set()
+        for name, value in sorted(gauges.items()):  # a name may carry labels: 'x{seqs="4"}'
+            base = name.split("{", 1)[0]
+            if base not in typed:
+                typed.add(base)
+                out.append(f"# TYPE {base} gauge")
+            out.append(f"{name} {value:g}")
         return "\n".join(out) + "\n"
 
     async def serve(self, host: str, port: int, gauges: Gauges) -> asyncio.Server:

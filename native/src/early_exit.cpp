@@ -68,16 +68,46 @@ int32_t BatchEngine::sample_shortlist(Sequence & s, const float * row, TokenScor
     return tok;
 }
 
-void BatchEngine::step_lossless(const std::vector<Scheduled> & plan, std::vector<Event> & events) {
-    const uint64_t               t0      = now_us();
+namespace {
+
+// each sequence's drafted positions take hidden rows [j * stride, j * stride + k)
+uint32_t draft_stride(uint32_t draft_max, uint32_t n_hidden_rows, uint32_t n) {
+    return std::max<uint32_t>(1, std::min(draft_max, n_hidden_rows / n));
+}
+
+}  // namespace
+
+std::vector<uint32_t> BatchEngine::draft_lengths(const std::vector<Scheduled> & plan) const {
+    const uint32_t        n      = static_cast<uint32_t>(plan.size());
+    const uint32_t        stride = draft_stride(params_.draft_max, runner_.n_hidden_rows(), n);
+    std::vector<uint32_t> ks;
+    for (const Scheduled & sc : plan) {
+        const Sequence & s    = *sc.seq;
+        const uint32_t   left = s.max_tokens - std::min(s.max_tokens, s.n_generated());
+        ks.push_back(std::max<uint32_t>(1, std::min({s.draft_len, stride, left, max_seq_len() - s.n_computed})));
+    }
+    return ks;
+}
+
+void BatchEngine::observe_acceptance(const float * row, int32_t tok) {
+    // only where a plain step sees what the draft would: the draft is the whole network and the
+    // shortlisted head, whose logits are the full head's at the shortlisted ids
+    if (params_.draft_exit_layer != 0 && params_.draft_exit_layer != model_.hp.n_layer) return;
+    const std::vector<int32_t> & ids  = runner_.shortlist()->tokens();
+    int32_t                      best = ids[0];
+    for (int32_t id : ids) best = row[id] > row[best] ? id : best;
+    spec_.record_acceptance(best == tok ? 1 : 0, 1);
+}
+
+void BatchEngine::step_lossless(const std::vector<Scheduled> & plan, std::vector<Event> & events, uint32_t cap) {
     const uint32_t               L       = model_.hp.n_layer;
     const uint32_t               E       = params_.draft_exit_layer == 0 ? L : params_.draft_exit_layer;
     const uint32_t               n_vocab = model_.hp.n_vocab;
     const std::vector<int32_t> & ids     = runner_.shortlist()->tokens();
     const uint32_t               n_short = static_cast<uint32_t>(ids.size());
     const uint32_t               n       = static_cast<uint32_t>(plan.size());
-    // each sequence's drafted positions take hidden rows [j * stride, j * stride + k)
-    const uint32_t stride = std::max<uint32_t>(1, std::min(params_.draft_max, runner_.n_hidden_rows() / n));
+    const uint32_t stride = draft_stride(params_.draft_max, runner_.n_hidden_rows(), n);
+    const std::vector<uint32_t> planned = draft_lengths(plan);
 
     struct Draft {
         Sequence *           s;
@@ -88,11 +118,9 @@ void BatchEngine::step_lossless(const std::vector<Scheduled> & plan, std::vector
     std::vector<Draft> d;
     uint32_t           K = 0;
     batch_.clear();
-    for (const Scheduled & sc : plan) {
-        Sequence & s     = *sc.seq;
-        uint32_t   k     = std::min(s.draft_len, stride);
-        const uint32_t left = s.max_tokens - std::min(s.max_tokens, s.n_generated());
-        k = std::max<uint32_t>(1, std::min({k, left, max_seq_len() - s.n_computed}));
+    for (size_t j = 0; j < plan.size(); ++j) {
+        Sequence & s = *plan[j].seq;
+        uint32_t   k = std::max<uint32_t>(1, std::min(planned[j], cap));
         while (k > 1 && !sched_.grow(s, s.n_computed + k)) --k;  // the scheduler gave blocks for one
         d.push_back({&s, k, s.n_computed, {}});
         K = std::max(K, k);
@@ -111,7 +139,9 @@ void BatchEngine::step_lossless(const std::vector<Scheduled> & plan, std::vector
             batch_.add(input(d[j], i), static_cast<int32_t>(d[j].p0 + i), static_cast<int32_t>(j), true);
             batch_.hidden_rows.push_back(static_cast<int32_t>(j * stride + i));
         }
+        const uint64_t t_pass = now_us();
         runner_.run(batch_, logits_, draft);
+        spec_.record_pass(SpecPolicy::Pass::Draft, batch_.size(), now_us() - t_pass);
         uint32_t row = 0;
         for (uint32_t j = 0; j < n; ++j) {
             if (i >= d[j].k) continue;
@@ -130,13 +160,14 @@ void BatchEngine::step_lossless(const std::vector<Scheduled> & plan, std::vector
             batch_.hidden_rows.push_back(static_cast<int32_t>(j * stride + i));
         }
     }
+    const uint64_t t_verify = now_us();
     runner_.run(batch_, logits_, PassSpec{E, L, Head::Full, false, false});
+    spec_.record_pass(SpecPolicy::Pass::Verify, batch_.size(), now_us() - t_verify);
     ++n_steps_;
     ++spec_steps_;
 
     // keep the agreeing run, then the full model's own token
-    uint32_t emitted = 0;
-    size_t   row     = 0;
+    size_t row = 0;
     for (Draft & dr : d) {
         Sequence &   s   = *dr.s;
         const size_t evi = events.size();
@@ -145,13 +176,13 @@ void BatchEngine::step_lossless(const std::vector<Scheduled> & plan, std::vector
         events[evi].n_drafted  = dr.k;
         drafted_ += dr.k;
         bool     alive    = true;
-        uint32_t accepted = 0;
+        uint32_t accepted = 0, compared = 0;
         for (uint32_t i = 0; i < dr.k && alive; ++i) {
             const float * lrow = logits_.data() + (row + i) * n_vocab;
             const int32_t tok  = sample(s, lrow);
             s.n_computed += 1;  // position p0 + i held an accepted token: its K/V stand
             events[evi].exit_layers.push_back(static_cast<uint16_t>(L));
-            ++emitted;
+            ++compared;
             const bool agree = tok == dr.toks[i];
             accepted += agree ? 1 : 0;
             alive = emit(s, tok, events, score(s, lrow, n_vocab, tok));  // s is gone when this is false
@@ -160,12 +191,14 @@ void BatchEngine::step_lossless(const std::vector<Scheduled> & plan, std::vector
         row += dr.k;
         events[evi].n_accepted = accepted;
         accepted_ += accepted;
+        spec_.record_acceptance(accepted, compared);
         if (alive) {
             advanced(s);
-            s.draft_len = accepted == dr.k ? std::min(dr.k + 2, stride) : std::max<uint32_t>(1, accepted + 1);
+            // all accepted: longer (a step's cap does not shorten the sequence's own length)
+            s.draft_len = accepted == dr.k ? std::min(std::max(s.draft_len, dr.k + 2), stride)
+                                           : std::max<uint32_t>(1, accepted + 1);
         }
     }
-    spec_.record(true, n, now_us() - t0, emitted);
 }
 
 void BatchEngine::step_adaptive(const std::vector<Scheduled> & plan, std::vector<Event> & events) {

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance.cache.config import CacheConfig, shipped_threshold
+from appliance.cache.config import CacheConfig, embedder_calibration, shipped_threshold
+from appliance.cache.decision import answer_key, choose
 from appliance.cache.embedder import Embedder, GgufEmbedder, MemoEmbedder, Vector
 from appliance.cache.errors import CacheError, QueryError
-from appliance.cache.guards import conflict, signature
+from appliance.cache.guards import Signature, conflict, signature
 from appliance.cache.indexset import IndexSet
 from appliance.cache.keys import Context, check_fingerprint, check_namespace, partition_key
 from appliance.cache.policy import Policy
@@ -57,7 +58,13 @@ class SemanticCache:
         # Shared with the router and the Embed call, so that one request's text is embedded once.
         self.embedder = embedder if isinstance(embedder, MemoEmbedder) else MemoEmbedder(embedder)
         self.config = config
-        self.threshold = config.threshold if config.threshold is not None else shipped_threshold(embedder.version)
+        tuned = embedder_calibration(embedder)
+        if config.threshold is not None:
+            self.threshold = config.threshold
+        else:
+            self.threshold = tuned.threshold if tuned is not None else shipped_threshold(embedder.version)
+        # a tuned embedder's calibrated decision over the top-k neighbours replaces the threshold
+        self.decision = tuned.decision if tuned is not None and config.threshold is None and config.decide else None
         self._owns_embedder = owns_embedder
         directory.mkdir(parents=True, exist_ok=True)
         self.store_db = Store(directory / DB_NAME)
@@ -119,14 +126,57 @@ class SemanticCache:
         key = self._key(namespace, fingerprint, context)
         text = self._clean(query)
         vec = self.embed(text)
+        decision = self.decision
+        k = max(self.config.candidates, decision.k) if decision is not None else self.config.candidates
         with self._lock:
-            candidates = self.indexes.get(key.partition).search(vec, self.config.candidates)
+            candidates = self.indexes.get(key.partition).search(vec, k)
         self.stats["lookups"] += 1
-        wanted = [i for i, sim in candidates if sim >= self.threshold - 1e-3]
-        rows = self.store_db.rows(wanted)
+        floor = decision.floor if decision is not None else self.threshold
+        if not candidates or candidates[0][1] < floor - 1e-3:
+            return None
         t = now()
-        sig = None
-        for entry_id in wanted:
+        # the whole neighbourhood is evidence for a decision; a threshold needs only what reaches it
+        wanted = [i for i, sim in candidates if decision is not None or sim >= self.threshold - 1e-3]
+        found = self._valid_rows(key, wanted, vec, t)
+        sig: list[Signature] = []
+
+        def blocked(c: int) -> bool:
+            if not self.config.guards:
+                return False
+            if not sig:
+                sig.append(signature(text))
+            if conflict(sig[0], signature(found[c][1].query)) is None:
+                return False
+            self.stats["guard_blocks"] += 1
+            return True
+
+        if decision is not None:
+            at, _ = choose([s for s, _ in found], [answer_key(r.response) for _, r in found], blocked, decision)
+        else:
+            at = next((c for c, (s, _) in enumerate(found) if s >= self.threshold and not blocked(c)), -1)
+        if at < 0:
+            return None
+        sim, row = found[at]
+        self.store_db.record_hit(row.id, t)
+        self.stats["hits"] += 1
+        return Hit(
+            entry_id=row.id,
+            response=row.response,
+            similarity=sim,
+            matched_query=row.query,
+            model=row.model,
+            cost_saved=row.cost,
+            tokens_saved=row.tokens,
+            created=row.created,
+            hits=row.hits + 1,
+            lookup_ms=(time.perf_counter() - t0) * 1e3,
+        )
+
+    def _valid_rows(self, key: _Key, ids: list[int], vec: Vector, t: float) -> list[tuple[float, Entry]]:
+        """The rows of ``ids`` this lookup may serve, with their similarity, best first."""
+        rows = self.store_db.rows(ids)
+        found: list[tuple[float, Entry]] = []
+        for entry_id in ids:
             row = rows.get(entry_id)
             # Defence in depth: the index is per partition, but only SQLite decides what is served.
             if row is None or (row.partition, row.namespace, row.fingerprint, row.context_key) != (
@@ -140,29 +190,9 @@ class SemanticCache:
             if row.expires is not None and row.expires <= t:
                 self.stats["expired"] += 1
                 continue
-            sim = float(row.embedding @ vec)  # from SQLite, not from the index
-            if sim < self.threshold:
-                continue
-            if self.config.guards:
-                sig = sig or signature(text)
-                if conflict(sig, signature(row.query)) is not None:
-                    self.stats["guard_blocks"] += 1
-                    continue
-            self.store_db.record_hit(row.id, t)
-            self.stats["hits"] += 1
-            return Hit(
-                entry_id=row.id,
-                response=row.response,
-                similarity=sim,
-                matched_query=row.query,
-                model=row.model,
-                cost_saved=row.cost,
-                tokens_saved=row.tokens,
-                created=row.created,
-                hits=row.hits + 1,
-                lookup_ms=(time.perf_counter() - t0) * 1e3,
-            )
-        return None
+            found.append((float(row.embedding @ vec), row))  # from SQLite, not from the index
+        found.sort(key=lambda f: -f[0])
+        return found
 
     # ------------------------------------------------------------------ store
 

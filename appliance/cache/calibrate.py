@@ -14,19 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import numpy as np
 
 from appliance.cache.config import CALIBRATION_FILE, CacheConfig, Calibration
+from appliance.cache.decision import Decision, fit_logistic
 from appliance.cache.embedder import Embedder
 from appliance.cache.errors import CacheError
-from appliance.cache.replay import Example, read_csv, simulate, split
-from appliance.cache.text import clean_text
+from appliance.cache.frontier import THRESHOLDS, Point, Replayer
+from appliance.cache.replay import Example, embed_rows, read_csv, simulate, split
 
-GRID = tuple(round(0.60 + 0.01 * i, 2) for i in range(40))
-
-
-def _vectors(rows: list[Example], embedder: Embedder) -> np.ndarray[Any, np.dtype[np.float32]]:
-    return np.stack([embedder.embed(clean_text(r.text)) for r in rows])
+GRID = THRESHOLDS
+MARGIN = 0.005  # above the target on the calibration split: held-out data is noisier
+DECISION_FLOOR = 0.5  # a nearest neighbour below this similarity is a miss whatever the rest says
 
 
 def calibrate(
@@ -41,13 +39,13 @@ def calibrate(
     rows = read_csv(csv_path, shuffle_seed=seed)
     cal_rows, hold_rows = split(rows, fraction)
     config = CacheConfig(threshold=0.9, guards=guards)
-    cal_vec = _vectors(cal_rows, embedder)
+    cal_vec = embed_rows(cal_rows, embedder)
     curve = simulate(cal_vec, [r.text for r in cal_rows], [r.category for r in cal_rows], GRID, config)
     good = [p for p in curve if p["precision"] >= target and p["hits"] >= 20]
     if not good:
         raise CacheError(f"no threshold in {GRID[0]}..{GRID[-1]} reaches precision {target} on {csv_path}")
     best = min(good, key=lambda p: p["threshold"])
-    hold_vec = _vectors(hold_rows, embedder)
+    hold_vec = embed_rows(hold_rows, embedder)
     (hold,) = simulate(
         hold_vec, [r.text for r in hold_rows], [r.category for r in hold_rows], [best["threshold"]], config
     )
@@ -63,6 +61,48 @@ def calibrate(
         holdout={k: float(v) for k, v in hold.items()},
     )
     return cal, curve
+
+
+def fit_decision(replayer: Replayer, target: float, *, floor: float = DECISION_FLOOR) -> tuple[Decision, list[Point]]:
+    """A logistic decision fitted on the replayer's rows (each against all rows before it) and its
+    lowest probability cutoff whose replay precision reaches ``target`` + :data:`MARGIN` (with at
+    least 20 hits; the highest cutoff of the grid when none does)."""
+    x, y = replayer.training_set(floor)
+    if len(y) < 20 or y.min() == y.max():
+        raise CacheError(
+            f"too little evidence to fit a decision: {len(y)} neighbourhoods, {int(y.sum())} of them right; "
+            "calibrate on more questions"
+        )
+    weights, mean, scale = fit_logistic(x, y)
+    decision = Decision(weights=weights, mean=mean, scale=scale, cutoff=0.5, floor=floor, target=target)
+    curve = replayer.decision_curve(decision)
+    good = [p for p in curve if p["precision"] >= target + MARGIN and p["hits"] >= 20]
+    best = min(good, key=lambda p: p["cutoff"]) if good else curve[-1]
+    cal = {"rows": float(len(replayer.texts)), "fitted_on": float(len(y)), **best}
+    return msgspec.structs.replace(decision, cutoff=best["cutoff"], calibration=cal), curve
+
+
+def calibrate_embedder(rows: list[Example], embedder: Embedder, *, target: float = 0.97) -> dict[str, Any]:
+    """A tuned embedder's calibration (its GGUF metadata): the cosine threshold and the decision,
+    fitted on ``rows`` replayed in order (with the guards)."""
+    replayer = Replayer(embed_rows(rows, embedder), [r.text for r in rows], [r.category for r in rows])
+    curve = replayer.threshold_curve(GRID)
+    good = [p for p in curve if p["precision"] >= target + MARGIN and p["hits"] >= 20]
+    threshold = min(good, key=lambda p: p["threshold"]) if good else curve[-1]
+    try:
+        decision: Decision | None = fit_decision(replayer, target)[0]
+        why = ""
+    except CacheError as e:  # too few held-back questions: the threshold alone decides
+        decision, why = None, str(e)
+    return {
+        "threshold": threshold["threshold"],
+        "threshold_calibration": threshold,
+        "decision": None if decision is None else msgspec.to_builtins(decision),
+        "no_decision": why,
+        "target": target,
+        "method": f"replay of {len(rows)} held-back questions in order; lowest threshold / probability cutoff "
+        f"with precision >= {target} + {MARGIN}",
+    }
 
 
 def write_calibration(path: Path, embedder_version: str, cal: Calibration) -> None:

@@ -8,6 +8,7 @@ from importlib import resources
 
 import msgspec
 
+from appliance.cache.decision import Decision
 from appliance.cache.errors import ConfigError
 from appliance.cache.index import HnswParams
 
@@ -20,6 +21,9 @@ class CacheConfig:
 
     threshold: float | None = None
     guards: bool = True
+    # with no threshold given: decide hits with the embedder's own calibrated decision when it carries
+    # one (a tuned embedder, `appliance cache tune`); False: its cosine threshold alone
+    decide: bool = True
     ttl_s: float | None = 7 * 86400.0
     max_entries: int = 1_000_000
     max_bytes: int = 2 << 30
@@ -51,6 +55,33 @@ class Calibration(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     seed: int
     calibration: dict[str, float]
     holdout: dict[str, float]
+
+
+class TunedCalibration(msgspec.Struct, frozen=True):
+    """What a tuned embedder carries in its GGUF metadata: its cosine threshold and its decision,
+    both fitted on questions the tuning never saw (see :mod:`appliance.cache.tune`)."""
+
+    threshold: float
+    decision: Decision | None = None
+    target: float = 0.97
+
+
+def tuned_calibration(text: str | None, where: str) -> TunedCalibration | None:
+    """Parse an embedder's calibration metadata (None: it has none)."""
+    if text is None:
+        return None
+    try:
+        return msgspec.json.decode(text, type=TunedCalibration)
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
+        raise ConfigError(f"the calibration stored in {where} is invalid: {e}") from None
+
+
+def embedder_calibration(embedder: object) -> TunedCalibration | None:
+    """The calibration a (tuned) embedder carries in its GGUF, if any."""
+    from appliance.cache.embedder import MemoEmbedder
+
+    inner = embedder.inner if isinstance(embedder, MemoEmbedder) else embedder
+    return tuned_calibration(getattr(inner, "calibration", None), f"embedding model {getattr(inner, 'version', '?')}")
 
 
 def shipped_calibrations() -> dict[str, Calibration]:

@@ -27,6 +27,8 @@ from appliance.cache.errors import EmbedderError, QueryError
 
 Vector = npt.NDArray[np.float32]
 DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
+# GGUF metadata key of a tuned embedder's own calibration (JSON; see appliance.cache.tune)
+CALIBRATION_KEY = "appliance.cache.calibration"
 
 
 class Embedder(Protocol):
@@ -185,11 +187,24 @@ class GgufEmbedder:
             llama_cpp.llama_model_free(self._model)
             raise EmbedderError(f"llama.cpp could not create an embedding context for {self.path}")
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.calibration = self._metadata(CALIBRATION_KEY)
         self._dim = int(llama_cpp.llama_model_n_embd(self._model))
         self._n_ctx = n_ctx
         self._tokens = (llama_cpp.llama_token * n_ctx)()
         self._batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
         self._closed = False
+
+    def _metadata(self, key: str) -> str | None:
+        """A string from the GGUF's metadata, or None when the file has no such key."""
+        size = 1 << 12
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = int(self._lib.llama_model_meta_val_str(self._model, key.encode(), buf, size))
+            if n < 0:
+                return None
+            if n < size:
+                return buf.value.decode("utf-8", errors="replace")
+            size = n + 1
 
     @property
     def dim(self) -> int:

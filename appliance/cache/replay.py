@@ -26,7 +26,7 @@ from appliance.cache.cache import SemanticCache
 from appliance.cache.config import CacheConfig
 from appliance.cache.embedder import Embedder
 from appliance.cache.errors import CacheError
-from appliance.cache.guards import Signature, conflict, signature
+from appliance.cache.frontier import Replayer, embedder_decision, frontier_of
 from appliance.cache.keys import fingerprint
 from appliance.cache.text import clean_text
 
@@ -100,6 +100,7 @@ def replay(
                     vectors.append(vec)
             entries = cache.entries()
             threshold = cache.threshold
+            decision = cache.decision
         finally:
             cache.close()
     out: dict[str, Any] = {
@@ -113,13 +114,26 @@ def replay(
         "embed_p50_ms": _pct(embed_times, 50),
         "search_p50_ms": _pct([t - e for t, e in zip(times, embed_times, strict=True)], 50),
         "threshold": threshold,
+        "decision": "threshold" if decision is None else f"calibrated, cutoff {decision.cutoff}",
         "guards": config.guards,
         "embedder": embedder.version,
     }
     if curve:
-        mat = np.stack(vectors)
-        out["curve"] = simulate(mat, [r.text for r in rows], [r.category for r in rows], CURVE_THRESHOLDS, config)
+        replayer = Replayer(np.stack(vectors), [r.text for r in rows], [r.category for r in rows], guards=config.guards)
+        out["curve"] = replayer.threshold_curve(CURVE_THRESHOLDS)
+        out["frontier"] = frontier_of(replayer, decision)
     return out
+
+
+def embed_rows(rows: Sequence[Example], embedder: Embedder) -> npt.NDArray[np.float32]:
+    return np.stack([embedder.embed(clean_text(r.text)) for r in rows])
+
+
+def frontier(rows: Sequence[Example], embedder: Embedder, *, guards: bool = True) -> dict[str, Any]:
+    """The precision / hit-rate frontier of ``rows`` replayed under ``embedder``: its threshold curve
+    and, when it carries a calibrated decision, that decision's curve."""
+    replayer = Replayer(embed_rows(rows, embedder), [r.text for r in rows], [r.category for r in rows], guards=guards)
+    return {"embedder": embedder.version, **frontier_of(replayer, embedder_decision(embedder))}
 
 
 def simulate(
@@ -130,37 +144,4 @@ def simulate(
     config: CacheConfig,
 ) -> list[dict[str, float]]:
     """Hit rate and precision of the replay at each threshold (exact top-k, same guards)."""
-    sigs: list[Signature | None] = [None] * len(texts)
-
-    def sig(i: int) -> Signature:
-        s = sigs[i]
-        if s is None:
-            s = sigs[i] = signature(clean_text(texts[i]))
-        return s
-
-    out = []
-    n, k = len(texts), config.candidates
-    for t in thresholds:
-        stored = np.empty((n, vectors.shape[1]), dtype=np.float32)
-        owner = np.empty(n, dtype=np.int64)
-        count = hits = correct = 0
-        for i in range(n):
-            hit_j = -1
-            if count:
-                sims = stored[:count] @ vectors[i]
-                top = np.argpartition(-sims, k - 1)[:k] if count > k else np.arange(count)
-                for j in top[np.argsort(-sims[top])]:
-                    if sims[j] < t:
-                        break
-                    if config.guards and conflict(sig(i), sig(int(owner[j]))) is not None:
-                        continue
-                    hit_j = int(owner[j])
-                    break
-            if hit_j >= 0:
-                hits += 1
-                correct += labels[hit_j] == labels[i]
-            else:
-                stored[count], owner[count] = vectors[i], i
-                count += 1
-        out.append({"threshold": t, "hit_rate": hits / n, "precision": correct / hits if hits else 1.0, "hits": hits})
-    return out
+    return Replayer(vectors, texts, labels, guards=config.guards, k=config.candidates).threshold_curve(thresholds)

@@ -271,6 +271,16 @@ class Store:
             ).fetchall()
         return [int(r[0]) for r in got]
 
+    def questions(self, namespace: str) -> list[tuple[str, str]]:
+        """(query, response) of every entry of ``namespace`` and its ``namespace/user`` sub-namespaces,
+        oldest first: what tunes that tenant's embedder."""
+        with self._lock:
+            got = self._db.execute(
+                "SELECT query, response FROM entries WHERE namespace = ? OR substr(namespace, 1, ?) = ? ORDER BY id",
+                (namespace, len(namespace) + 1, namespace + "/"),
+            ).fetchall()
+        return [(str(q), str(r)) for q, r in got]
+
     def totals(self) -> tuple[int, int]:
         with self._lock:
             n, size = self._db.execute("SELECT entries, bytes FROM totals").fetchone()

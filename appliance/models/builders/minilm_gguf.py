@@ -55,8 +55,10 @@ class BuildError(ValueError):
     pass
 
 
-def build(input_dir: Path, out_path: Path) -> None:
-    """Write the GGUF for the checkpoint in ``input_dir`` to ``out_path`` (created or truncated)."""
+def build(input_dir: Path, out_path: Path, *, metadata: dict[str, str] | None = None) -> None:
+    """Write the GGUF for the checkpoint in ``input_dir`` to ``out_path`` (created or truncated).
+
+    ``metadata``: extra string keys to record (a tuned embedder's calibration, for instance)."""
     config = _read_json(input_dir / "config.json")
     _check_config(config, input_dir)
     vocab = _read_vocab(input_dir / "vocab.txt", int(config["vocab_size"]))
@@ -66,6 +68,8 @@ def build(input_dir: Path, out_path: Path) -> None:
         try:
             _add_model_kv(writer, config, input_dir)
             _add_vocab_kv(writer, vocab, input_dir, int(config.get("type_vocab_size", 2)))
+            for key, value in sorted((metadata or {}).items()):
+                writer.add_string(key, value)
             for gguf_name, src_name, keep_f32 in plan:
                 shape = st.tensors[src_name].shape
                 dtype = np.dtype(np.float32 if keep_f32 else np.float16)

@@ -32,11 +32,18 @@ def tiny(tiny_model: Any) -> Path:
     return path
 
 
+def with_http(cfg: Path, listen: str = "127.0.0.1:0") -> Path:
+    """`cfg` (tests' write_config) with the HTTP edge on `listen`."""
+    with cfg.open("a") as f:
+        f.write(f'[http]\nlisten = "{listen}"\n')
+    return cfg
+
+
 @pytest.fixture(scope="module")
 def server(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """No semantic cache (answers come from the model every time); one request at a time, none queued."""
     d = tmp_path_factory.mktemp("http")
-    cfg = write_config(d / "appliance.toml", tiny, server={"http": "127.0.0.1:0", "max_concurrent": 1, "max_queue": 0})
+    cfg = with_http(write_config(d / "appliance.toml", tiny, server={"max_concurrent": 1, "max_queue": 0}))
     srv = ServerProcess(cfg)
     assert srv.http_port
     yield srv
@@ -47,7 +54,7 @@ def server(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ser
 def cached(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """With the semantic cache and its embedding model (embeddings, cache hits)."""
     d = tmp_path_factory.mktemp("http-cache")
-    srv = ServerProcess(write_config(d / "appliance.toml", tiny, cache=True, server={"http": "127.0.0.1:0"}))
+    srv = ServerProcess(with_http(write_config(d / "appliance.toml", tiny, cache=True)))
     yield srv
     assert srv.stop() == 0
 
@@ -491,9 +498,37 @@ def test_a_non_loopback_listener_needs_tenants(tiny: Path, tmp_path: Path) -> No
     cfg.write_text(f'[model]\npath = "{tiny}"\n')
     argv = [sys.executable, "-m", "appliance.cli.serve", "serve", "-c", str(cfg), "--check-config"]
     bad = subprocess.run([*argv, "--http", "0.0.0.0:8080"], capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "$.server.http" in bad.stderr
+    assert bad.returncode == 2 and "$.http.listen" in bad.stderr
     ok = subprocess.run([*argv, "--http", "127.0.0.1:8080"], capture_output=True, text=True, timeout=60)
-    assert ok.returncode == 0 and '"http":"127.0.0.1:8080"' in ok.stdout
+    assert ok.returncode == 0 and '"http":{"listen":"127.0.0.1:8080"}' in ok.stdout
+
+
+def test_http_listen_and_its_deprecated_spelling(caplog: pytest.LogCaptureFixture) -> None:
+    """`[http] listen` is the key; `[server] http` still works, read as it with a warning; both at once
+    must agree; a bad address names the field."""
+    from appliance.common.config import ConfigError, parse_config
+
+    assert parse_config('[http]\nlisten = "127.0.0.1:8080"\n').http.listen == "127.0.0.1:8080"
+    assert parse_config("").http.listen == ""  # off unless set (`make serve` sets 127.0.0.1:8080)
+    with caplog.at_level("WARNING", logger="appliance.config"):
+        old = parse_config('[server]\nhttp = "127.0.0.1:9090"\n')
+    assert old.http.listen == "127.0.0.1:9090" and old.server.http == ""
+    assert "[server] http is deprecated" in caplog.text
+    same = parse_config('[server]\nhttp = "127.0.0.1:9090"\n[http]\nlisten = "127.0.0.1:9090"\n')
+    assert same.http.listen == "127.0.0.1:9090"
+    with pytest.raises(ConfigError, match=r"\$\.http: \[server\] http .* is the old name of \[http\] listen"):
+        parse_config('[server]\nhttp = "127.0.0.1:9090"\n[http]\nlisten = "127.0.0.1:8080"\n')
+    with pytest.raises(ConfigError, match=r"\$\.http\.listen: 'nowhere' is not host:port"):
+        parse_config('[http]\nlisten = "nowhere"\n')
+
+
+def test_the_deprecated_server_http_still_serves(tiny: Path, tmp_path: Path) -> None:
+    srv = ServerProcess(write_config(tmp_path / "appliance.toml", tiny, server={"http": "127.0.0.1:0"}))
+    try:
+        assert srv.http_port and urllib.request.urlopen(_base(srv) + "/health", timeout=10).status == 200
+        assert "[server] http is deprecated" in srv.log.read_text()
+    finally:
+        assert srv.stop() == 0
 
 
 def test_concurrent_streams_do_not_mix(cached: ServerProcess) -> None:

@@ -1,6 +1,8 @@
 """What the service costs: requests/s and latency of short generations through the gRPC service (a
 real server process on a Unix socket, real clients, the ledger committed per request) versus the
-same requests through the batching engine directly, in this process.
+same requests through the batching engine directly, in this process. With `peer="llama-server"`
+(`bench_serve_peer`): the service against llama-server instead, 128-token streamed greedy requests
+from 1, 8 and 16 clients, tokens/s and time to first token (the runner `bench http` uses).
 
 Each round: `c` clients each send their share of the requests one after another (greedy, 16 tokens,
 semantic cache off so every request runs the model). Same model, thread count and engine settings
@@ -18,23 +20,20 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from appliance.bench.common import start_service, write_service_config
+from appliance.bench.rounds import against_llama_server, grpc_side
+from appliance.bench.rounds import prompts as _prompts
 from appliance.engine.sampling import SamplingOptions
 
 CONCURRENCY = (1, 4, 8, 16)
+PEER_CONCURRENCY = (1, 8, 16)
 MAX_TOKENS = 16
-
-
-def _prompts(n: int, round_id: int | str) -> list[str]:
-    """Distinct prompts whose first tokens differ, so no round reuses another's cached prefix blocks."""
-    topics = ["my card", "a transfer", "the app", "my pin", "a refund", "my account", "exchange rates", "fees"]
-    return [
-        f"Ticket {round_id}-{k}: I have a problem with {topics[k % len(topics)]}. What should I do?" for k in range(n)
-    ]
+PEER_MAX_TOKENS = 128
 
 
 def _summary(latencies: list[float], wall: float) -> dict[str, float]:
@@ -82,7 +81,13 @@ def _direct(model: str, threads: int, c: int, prompts: list[str]) -> dict[str, f
 
 def _start_server(model: str, threads: int, d: Path) -> subprocess.Popen[str]:
     cfg = write_service_config(
-        d, model, threads, max_concurrent=16, cache=False, extra=[], model_extra=('early_exit = "off"',)
+        d,
+        model,
+        threads,
+        max_concurrent=16,
+        cache=False,
+        extra=[],
+        model_extra=('early_exit = "off"', "cut_loops = false"),
     )
     return start_service(cfg, d / "s.sock", d / "server.log")
 
@@ -154,3 +159,25 @@ def bench_serve(
     res["throughput_cost"] = [round(1 - s / e, 3) for s, e in zip(res["service_rps"], res["engine_rps"], strict=True)]
     res["throughput_cost_per_pair"] = pair_costs
     return res
+
+
+def bench_serve_peer(
+    model: str,
+    threads: int,
+    concurrency: Sequence[int] = PEER_CONCURRENCY,
+    repeats: int = 3,
+    max_tokens: int = PEER_MAX_TOKENS,
+) -> dict[str, Any]:
+    """Our gRPC service (a real `appliance serve`: the default config, early exit as it configures it,
+    the semantic cache off) against llama-server (`-np` = clients, flash attention, the same model and
+    ggml build): streamed greedy requests of `max_tokens` tokens, alternating rounds, medians."""
+    res = against_llama_server(
+        model,
+        threads,
+        lambda d: lambda c: grpc_side(f"unix:{d / 's.sock'}", max_tokens),
+        concurrency=concurrency,
+        repeats=repeats,
+        max_tokens=max_tokens,
+        label="serve ",
+    )
+    return {**res, "ours": "gRPC GenerateStream over the Unix socket; default early exit; semantic cache off"}

@@ -97,7 +97,11 @@ class AnthropicProvider:
             turns[-2]["content"][-1]["cache_control"] = _BREAKPOINT  # everything before this turn
         return body
 
-    def request(self, messages: Messages, options: SamplingOptions) -> tuple[str, dict[str, str], dict[str, Any]]:
+    def request(
+        self, messages: Messages, options: SamplingOptions, tools: str = ""
+    ) -> tuple[str, dict[str, str], dict[str, Any]]:
+        if tools:
+            raise CloudError("config", "tools pass through to an OpenAI-compatible cloud only (provider = openai)")
         headers = {"content-type": "application/json", "accept": "text/event-stream", "anthropic-version": API_VERSION}
         if self._key:
             headers["x-api-key"] = self._key

@@ -91,8 +91,9 @@ class CloudBackend:
         """False while the circuit is open (the cloud failed repeatedly and is resting)."""
         return self.breaker.state != "open"
 
-    async def stream(self, messages: Messages, options: SamplingOptions) -> AsyncIterator[str | Reply]:
-        """Text pieces, then the Reply. Raises CloudError when no answer can be had."""
+    async def stream(self, messages: Messages, options: SamplingOptions, tools: str = "") -> AsyncIterator[str | Reply]:
+        """Text pieces, then the Reply. Raises CloudError when no answer can be had. `tools`: an OpenAI
+        tool request passed through (Provider.request); the Reply carries the calls."""
         attempt = 0
         while True:
             if not self.breaker.allow():
@@ -102,7 +103,7 @@ class CloudBackend:
                 )
             sent = False
             try:
-                async for item in self._attempt(messages, options):
+                async for item in self._attempt(messages, options, tools):
                     sent = sent or isinstance(item, str)
                     yield item
                 self.breaker.success()
@@ -125,8 +126,8 @@ class CloudBackend:
                 return item
         raise CloudError("malformed", "cloud stream ended without an answer")
 
-    async def _attempt(self, messages: Messages, options: SamplingOptions) -> AsyncIterator[str | Reply]:
-        url, headers, body = self.provider.request(messages, options)
+    async def _attempt(self, messages: Messages, options: SamplingOptions, tools: str) -> AsyncIterator[str | Reply]:
+        url, headers, body = self.provider.request(messages, options, tools)
         try:
             async with self.http.stream("POST", url, headers=headers, json=body, timeout=self.timeout) as resp:
                 if resp.status_code != 200:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from appliance.cloud.provider import Messages, StreamState, count, field
@@ -34,7 +35,10 @@ class OpenAIStream(StreamState):
             return ""
         choice = field(choices, 0)
         self.reason = choice.get("finish_reason") or self.reason
-        text = (choice.get("delta") or {}).get("content")
+        delta = choice.get("delta") or {}
+        if delta.get("tool_calls"):
+            self.add_tool_calls(delta["tool_calls"])
+        text = delta.get("content")
         return text if isinstance(text, str) else ""
 
 
@@ -46,13 +50,18 @@ class OpenAIProvider:
         self.model = model
         self._key = api_key
 
-    def request(self, messages: Messages, options: SamplingOptions) -> tuple[str, dict[str, str], dict[str, Any]]:
+    def request(
+        self, messages: Messages, options: SamplingOptions, tools: str = ""
+    ) -> tuple[str, dict[str, str], dict[str, Any]]:
         headers = {"content-type": "application/json", "accept": "text/event-stream"}
         if self._key:
             headers["authorization"] = f"Bearer {self._key}"
+        passed = json.loads(tools) if tools else {}  # the caller's tool request, its messages verbatim
         body: dict[str, Any] = {
             "model": self.model,
-            "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
+            "messages": passed.pop("messages", None)
+            or [{"role": m["role"], "content": m["content"]} for m in messages],
+            **passed,
             "max_tokens": options.max_tokens,
             "temperature": options.temperature,
             "top_p": options.top_p,
@@ -66,11 +75,18 @@ class OpenAIProvider:
     def parse_reply(self, data: Any) -> Reply:
         message = field(data, "choices", 0, "message")
         text = message.get("content") if isinstance(message, dict) else None
-        if not isinstance(text, str):
+        calls = message.get("tool_calls") if isinstance(message, dict) else None
+        if not isinstance(text, str) and not (text is None and isinstance(calls, list) and calls):
             raise CloudError("malformed", f"cloud answer has no text content: {str(data)[:200]}")
         reason = field(data, "choices", 0).get("finish_reason")
         model = str(data.get("model") or self.model)
-        return Reply(text=text, finish_reason=finish_word(reason), usage=_usage(data.get("usage")), model=model)
+        return Reply(
+            text=text or "",
+            finish_reason=finish_word(reason),
+            usage=_usage(data.get("usage")),
+            model=model,
+            tool_calls=json.dumps(calls) if calls else "",
+        )
 
     def stream_parser(self) -> OpenAIStream:
         return OpenAIStream(self.model)

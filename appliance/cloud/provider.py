@@ -3,6 +3,7 @@ the answer, whole (JSON) or streamed (server-sent events)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -33,21 +34,48 @@ class StreamState:
         self.usage = CloudUsage()
         self.reason: str | None = None
         self.done = False
+        self.tool_calls: dict[int, dict[str, Any]] = {}  # by index, their streamed pieces joined
+
+    def add_tool_calls(self, pieces: Any) -> None:
+        """OpenAI's streamed `delta.tool_calls`: the first piece of a call brings its id, type and
+        name; `function.arguments` comes in pieces to be joined."""
+        for piece in pieces if isinstance(pieces, list) else []:
+            index = piece.get("index", len(self.tool_calls)) if isinstance(piece, dict) else None
+            if not isinstance(index, int):
+                raise CloudError("malformed", f"cloud tool call without an index: {str(piece)[:200]}")
+            call = self.tool_calls.setdefault(
+                index, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}}
+            )
+            call["id"] = piece.get("id") or call["id"]
+            call["type"] = piece.get("type") or call["type"]
+            fn = piece.get("function") or {}
+            call["function"]["name"] += fn.get("name") or ""
+            call["function"]["arguments"] += fn.get("arguments") or ""
 
     @property
     def finished(self) -> bool:
         return self.done
 
     def reply(self, text: str) -> Reply:
-        return Reply(text=text, finish_reason=finish_word(self.reason), usage=self.usage, model=self.model)
+        calls = [self.tool_calls[i] for i in sorted(self.tool_calls)]
+        return Reply(
+            text=text,
+            finish_reason=finish_word(self.reason),
+            usage=self.usage,
+            model=self.model,
+            tool_calls=json.dumps(calls) if calls else "",
+        )
 
 
 class Provider(Protocol):
     name: str
     model: str
 
-    def request(self, messages: Messages, options: SamplingOptions) -> tuple[str, dict[str, str], dict[str, Any]]:
-        """(url, headers, body) of a streaming request."""
+    def request(
+        self, messages: Messages, options: SamplingOptions, tools: str = ""
+    ) -> tuple[str, dict[str, str], dict[str, Any]]:
+        """(url, headers, body) of a streaming request. `tools`: an OpenAI tool request passed through
+        (JSON: tools, tool_choice and the caller's own messages), for providers that take one."""
         ...
 
     def parse_reply(self, data: Any) -> Reply:

@@ -24,9 +24,10 @@ class CloudUsage(msgspec.Struct, kw_only=True):
 
 class Reply(msgspec.Struct, kw_only=True):
     text: str
-    finish_reason: str  # "stop", "length" or the provider's own word
+    finish_reason: str  # "stop", "length" or the provider's own word ("tool_calls")
     usage: CloudUsage
     model: str
+    tool_calls: str = ""  # the functions the model calls, as OpenAI's JSON list (a request that passed tools)
 
 
 class CloudError(Exception):

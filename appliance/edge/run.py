@@ -1,5 +1,5 @@
 """`appliance serve`'s event loop: the `Service` with its faces (gRPC; the HTTP edge when
-`[server] http` is set), until SIGTERM/SIGINT, then a drain.
+`[http] listen` is set), until SIGTERM/SIGINT, then a drain.
 
 Under systemd (Type=notify) it tells the manager: READY=1 once serving, WATCHDOG=1 pings while the
 loop runs, STOPPING=1 when draining."""
@@ -39,7 +39,7 @@ async def serve(cfg: Config, load_backend: Callable[[], LocalBackend], ready: Ca
     grpc_face = GrpcServer(service)
     await grpc_face.start()
     faces = Faces(grpc_face)
-    if cfg.server.http:
+    if cfg.http.listen:
         faces.http = HttpServer(service)
         try:
             await faces.http.start()

@@ -141,7 +141,7 @@ def _done(r: Result) -> dict[str, Any]:
     prompt_ns = int(u.first_token_ms * 1e6)
     return {
         "done": True,
-        "done_reason": "length" if r.finish_reason in ("length", "oom") else "stop",
+        "done_reason": "length" if r.finish_reason in ("length", "oom", "loop") else "stop",
         "total_duration": total,
         "load_duration": 0,
         "prompt_eval_count": u.prompt_tokens,

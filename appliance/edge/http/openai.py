@@ -5,6 +5,7 @@ field), turned into the pipeline's `GenerateInput` and validated by its normaliz
 from __future__ import annotations
 
 import base64
+import json
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
@@ -98,7 +99,7 @@ class EmbeddingsBody(msgspec.Struct, kw_only=True):
 
 # ------------------------------------------------------------------ body -> GenerateInput
 
-_FINISH = {"stop": "stop", "length": "length", "oom": "length"}
+_FINISH = {"stop": "stop", "length": "length", "oom": "length", "loop": "length", "tool_calls": "tool_calls"}
 _RENAME = {"sampling.grammar": "response_format"}  # the pipeline's field names -> OpenAI's
 
 
@@ -160,16 +161,39 @@ def _text(content: str | list[ContentPart] | None, field: str) -> str:
     return "".join(parts)
 
 
-def chat_input(b: ChatBody, request_id: str, model: Model, rename: dict[str, str]) -> GenerateInput:
+def _tools(b: ChatBody, cloud: bool) -> str:
+    """A tool request (tools, tool_choice, tool calls and results among the messages) as the JSON the
+    cloud gets verbatim; "" for none. Without a cloud for the tenant it is refused: the local model
+    calls no tools."""
+    tooled = [i for i, m in enumerate(b.messages) if m.tool_calls or m.role in ("tool", "function")]
+    if b.functions:
+        raise InvalidArgument("functions", "the legacy functions are not supported; send tools")
+    if not b.tools and b.tool_choice in (None, "none") and not tooled:
+        return ""
+    if not cloud:
+        field = "tools" if b.tools or b.tool_choice not in (None, "none") else f"messages[{tooled[0]}].role"
+        raise InvalidArgument(field, "tool calling needs a cloud ([cloud]); this server's local model calls no tools")
+    raw = msgspec.to_builtins(b.messages)
+    passed: dict[str, Any] = {"messages": [{k: v for k, v in m.items() if v is not None} for m in raw]}
+    if b.tools:
+        passed["tools"] = b.tools
+    if b.tool_choice is not None:
+        passed["tool_choice"] = b.tool_choice
+    return msgspec.json.encode(passed).decode()
+
+
+def chat_input(
+    b: ChatBody, request_id: str, model: Model, rename: dict[str, str], *, cloud: bool = False
+) -> GenerateInput:
+    """`cloud`: the tenant has a cloud (tool requests pass through to it)."""
     _unsupported(b)
-    if b.tools or b.functions or b.tool_choice not in (None, "none"):
-        raise InvalidArgument("tools", "tool calling is not supported by this server; leave tools and tool_choice out")
+    tools = _tools(b, cloud and model.route_policy != "local_only")
     if b.top_logprobs:
         raise InvalidArgument("top_logprobs", "alternative tokens are not available; send 0 or leave it out")
     messages = []
     for i, m in enumerate(b.messages):
         if m.tool_calls or m.role in ("tool", "function"):
-            raise InvalidArgument(f"messages[{i}].role", "tool messages are not supported (no tool calling)")
+            continue  # the cloud gets them in `tools`, verbatim
         role = "system" if m.role == "developer" else m.role
         messages.append(ChatMessage(role, _text(m.content, f"messages[{i}].content")))
     if b.max_completion_tokens is not None:
@@ -182,6 +206,7 @@ def chat_input(b: ChatBody, request_id: str, model: Model, rename: dict[str, str
         route_policy=model.route_policy,
         user=b.user or "",
         model=model.task,
+        tools=tools,
     )
 
 
@@ -276,6 +301,8 @@ class _Shape:
         choice: dict[str, Any] = {"index": 0}
         if self.chat:
             choice["message"] = {"role": "assistant", "content": r.text}
+            if r.tool_calls:
+                choice["message"].update(content=r.text or None, tool_calls=json.loads(r.tool_calls))
         else:
             choice["text"] = r.text
         choice["logprobs"] = self.logprobs(tokens) if tokens is not None else None
@@ -345,6 +372,11 @@ async def _stream(
         return
     if result is None:
         return
+    if result.tool_calls:  # the cloud's calls come whole with its answer: one delta carries them
+        calls = shape.chunk(None, None, None)
+        tool_calls = [{"index": i, **c} for i, c in enumerate(json.loads(result.tool_calls))]
+        calls["choices"][0]["delta"] = {"tool_calls": tool_calls}
+        yield with_usage(calls)
     final = shape.chunk(None, _FINISH.get(result.finish_reason, "stop"), None)
     final["appliance"] = _extension(result)
     yield with_usage(final)
@@ -385,7 +417,8 @@ def routes(edge: Edge) -> list[Route]:
         if chat:
             body = await edge.body(request, ChatBody)
             model = edge.model(body.model, tenant, "generation")
-            inp = chat_input(body, request_id, model, rename)
+            cloud = edge.service.cfg.cloud_for(tenant).configured
+            inp = chat_input(body, request_id, model, rename, cloud=cloud)
             prompt_texts = [m.content for m in inp.messages]
             logprobs = bool(body.logprobs)
         else:

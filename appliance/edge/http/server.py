@@ -29,7 +29,7 @@ class _InLoopServer(uvicorn.Server):
 class HttpServer:
     def __init__(self, service: Service) -> None:
         self.service = service
-        self.host, self.port = hostport(service.cfg.server.http)
+        self.host, self.port = hostport(service.cfg.http.listen)
         self._server: _InLoopServer | None = None
         self._task: asyncio.Task[None] | None = None
         self._sock: socket.socket | None = None

@@ -1,6 +1,8 @@
-"""Aggregate decode throughput under concurrency: our BatchEngine, llama.cpp's own batched decode
-(llama-cpp-python's low-level API with every sequence in one llama_batch, as llama-server runs it)
-and llama-cpp-python's high-level API serving the same requests one after another.
+"""Aggregate decode throughput under concurrency: our BatchEngine with early exit off ("ours") and in
+the service's default mode ("ours_default": lossless, with its measured drafting policy; needs the
+model's exit calibration), llama.cpp's own batched decode (llama-cpp-python's low-level API with
+every sequence in one llama_batch, as llama-server runs it) and llama-cpp-python's high-level API
+serving the same requests one after another.
 
 Every request: a 128-token random prompt, 128 greedy tokens. Decode throughput counts the tokens
 generated after every request of the round has its first token, over that phase's time (what
@@ -12,30 +14,86 @@ requests). Each engine runs in its own child process; same thread count for all.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import resource
 import sys
 import time
 from typing import Any
 
-from appliance.bench.common import random_tokens, run_child
+from appliance.bench.common import gpu_layers, random_tokens, run_child
 
 CONCURRENCY = (1, 2, 4, 8, 16)
 
 
 def ours(model: str, threads: int, c: int, n_prompt: int, n_gen: int) -> dict[str, float]:
-    from appliance import _native
+    engine, n_vocab = ours_engine(model, threads, c, n_prompt, n_gen)
+    prompts = [random_tokens(n_vocab, n_prompt, k) for k in range(c)]
+    t_first, t_decode, produced_after = ours_decode(engine, prompts, n_gen)
+    return {"decode_tps": produced_after / t_decode, "e2e_tps": c * n_gen / (t_first + t_decode)}
 
-    m = _native.Model(model)
+
+def ours_default(model: str, threads: int, c: int, n_prompt: int, n_gen: int) -> dict[str, float]:
+    """Ours in the service's default decoding mode, lossless early exit; drafting_share: the share of
+    decode steps its policy drafted in."""
+    engine, n_vocab = ours_engine(model, threads, c, n_prompt, n_gen, early_exit=True)
+    prompts = [random_tokens(n_vocab, n_prompt, k) for k in range(c)]
+    t_first, t_decode, produced_after = ours_decode(engine, prompts, n_gen, exit_mode="lossless")
+    st = engine.stats()
+    steps = st["spec_steps"] + st["plain_decode_steps"]
+    return {
+        "decode_tps": produced_after / t_decode,
+        "e2e_tps": c * n_gen / (t_first + t_decode),
+        "drafting_share": st["spec_steps"] / steps if steps else 0.0,
+    }
+
+
+def ours_engine(
+    model: str, threads: int, c: int, n_prompt: int, n_gen: int, early_exit: bool = False
+) -> tuple[Any, int]:
+    """Our BatchEngine with room for c requests of n_prompt + n_gen tokens, warmed up; and n_vocab.
+    early_exit: with the model's exit calibration (its shortlist and draft layer)."""
+    from appliance import _native
+    from appliance.engine.early_exit import load_calibration
+
+    cal = load_calibration(model) if early_exit else None
+    if early_exit and cal is None:
+        raise SystemExit(f"{model} has no early-exit calibration: run `appliance models calibrate-exit` first")
+
+    m = _native.Model(model, gpu_layers=gpu_layers())
     kv_per_token = m.n_layer * 2 * m.n_head_kv * m.head_dim * 2  # K and V, F16
     kv_mb = max(64, c * (n_prompt + n_gen) * kv_per_token // 2**20 + 32)
-    engine = _native.BatchEngine(m, kv_cache_mb=kv_mb, max_seqs=max(16, c), n_threads=threads)
+    engine = _native.BatchEngine(
+        m,
+        kv_cache_mb=kv_mb,
+        max_seqs=max(16, c),
+        n_threads=threads,
+        draft_exit_layer=cal.draft_exit_layer if cal else 0,
+    )
+    if cal is not None:
+        engine.set_shortlist(cal.shortlist)
     engine.submit(random_tokens(m.n_vocab, 16, 99), max_tokens=4, stop_at_eog=False)  # warm-up
     while not engine.idle:
         engine.step()
+    return engine, int(m.n_vocab)
+
+
+def ours_decode(
+    engine: Any, prompts: list[list[int]], n_gen: int, adapters: list[int] | None = None, exit_mode: str = "off"
+) -> tuple[float, float, int]:
+    """Submits every prompt at once (prompt k under adapters[k]; none: the base; in early-exit mode
+    `exit_mode`) and steps `engine` until idle, greedy. Returns (seconds until every request has its
+    first token, seconds after, tokens generated after)."""
     ids = [
-        engine.submit(random_tokens(m.n_vocab, n_prompt, k), max_tokens=n_gen, temperature=0.0, stop_at_eog=False)
-        for k in range(c)
+        engine.submit(
+            p,
+            max_tokens=n_gen,
+            temperature=0.0,
+            stop_at_eog=False,
+            adapter=adapters[k] if adapters else 0,
+            exit_mode=exit_mode,
+        )
+        for k, p in enumerate(prompts)
     ]
     started: set[int] = set()
     t0 = time.perf_counter()
@@ -50,16 +108,30 @@ def ours(model: str, threads: int, c: int, n_prompt: int, n_gen: int) -> dict[st
                 started.add(rid)
                 if len(started) == len(ids):
                     t_all = time.perf_counter()
-    t1 = time.perf_counter()
-    return {"decode_tps": produced_after / (t1 - t_all), "e2e_tps": c * n_gen / (t1 - t0)}
+    return t_all - t0, time.perf_counter() - t_all, produced_after
 
 
 def llamacpp_batched(model: str, threads: int, c: int, n_prompt: int, n_gen: int) -> dict[str, float]:
     import llama_cpp
 
-    # the model through the high-level API; the context as llama-server makes it (several
-    # sequences, one unified KV cache, flash attention), which that API does not expose
-    llm = llama_cpp.Llama(model_path=model, n_ctx=64, n_threads=threads, n_gpu_layers=0, verbose=False)
+    # the model through the high-level API; the context as llama-server makes it (see llamacpp_decode)
+    llm = llama_cpp.Llama(model_path=model, n_ctx=64, n_threads=threads, n_gpu_layers=gpu_layers(), verbose=False)
+    prompts = [random_tokens(llm.n_vocab(), n_prompt, k) for k in range(c)]
+    t_prefill, t_decode = llamacpp_decode(llm, prompts, n_gen, threads)
+    return {"decode_tps": c * (n_gen - 1) / t_decode, "e2e_tps": c * n_gen / (t_prefill + t_decode)}
+
+
+def llamacpp_decode(
+    llm: Any, prompts: list[list[int]], n_gen: int, threads: int, lora: Any = None
+) -> tuple[float, float]:
+    """llama.cpp's own batched greedy decode of every prompt as one sequence of a fresh context made as
+    llama-server makes it (several sequences, one unified KV cache, flash attention), which
+    llama-cpp-python's high-level API does not expose; `lora`: a llama_adapter_lora set on that
+    context (llama.cpp applies adapters per context). Returns (seconds until every sequence has its
+    first token, seconds of the n_gen - 1 decode steps after)."""
+    import llama_cpp
+
+    c, n_prompt = len(prompts), len(prompts[0])
     params = llama_cpp.llama_context_default_params()
     params.n_ctx = c * (n_prompt + n_gen) + 64
     params.n_batch = params.n_ubatch = 512
@@ -70,7 +142,10 @@ def llamacpp_batched(model: str, threads: int, c: int, n_prompt: int, n_gen: int
     ctx = llama_cpp.llama_init_from_model(llm.model, params)
     if not ctx:
         raise RuntimeError("llama_init_from_model failed")
-    n_vocab = llm.n_vocab()
+    if lora is not None:
+        adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(lora)
+        if llama_cpp.llama_set_adapters_lora(ctx, adapters, 1, (ctypes.c_float * 1)(1.0)) != 0:
+            raise RuntimeError("llama_set_adapters_lora failed")
     sampler = llama_cpp.llama_sampler_init_greedy()
     batch = llama_cpp.llama_batch_init(512, 0, 1)
 
@@ -82,7 +157,6 @@ def llamacpp_batched(model: str, threads: int, c: int, n_prompt: int, n_gen: int
         if llama_cpp.llama_decode(ctx, batch) != 0:
             raise RuntimeError("llama_decode failed")
 
-    prompts = [random_tokens(n_vocab, n_prompt, k) for k in range(c)]
     entries = [(t, p, s, p == n_prompt - 1) for s in range(c) for p, t in enumerate(prompts[s])]
     t0 = time.perf_counter()
     last: list[int] = []
@@ -100,7 +174,7 @@ def llamacpp_batched(model: str, threads: int, c: int, n_prompt: int, n_gen: int
     llama_cpp.llama_batch_free(batch)
     llama_cpp.llama_sampler_free(sampler)
     llama_cpp.llama_free(ctx)
-    return {"decode_tps": c * (n_gen - 1) / (t1 - t_all), "e2e_tps": c * n_gen / (t1 - t0)}
+    return t_all - t0, t1 - t_all
 
 
 def serial(model: str, threads: int, c: int, n_prompt: int, n_gen: int) -> dict[str, float]:
@@ -112,7 +186,7 @@ def serial(model: str, threads: int, c: int, n_prompt: int, n_gen: int) -> dict[
         n_threads=threads,
         n_threads_batch=threads,
         flash_attn=True,
-        n_gpu_layers=0,
+        n_gpu_layers=gpu_layers(),
         verbose=False,
     )
     n = min(c, 4)
@@ -125,7 +199,7 @@ def serial(model: str, threads: int, c: int, n_prompt: int, n_gen: int) -> dict[
     return {"decode_tps": produced / (time.perf_counter() - t0)}
 
 
-ENGINES = {"ours": ours, "llamacpp_batched": llamacpp_batched, "serial": serial}
+ENGINES = {"ours": ours, "ours_default": ours_default, "llamacpp_batched": llamacpp_batched, "serial": serial}
 
 
 def bench_batch(
@@ -143,9 +217,12 @@ def bench_batch(
         "gen_tokens": n_gen,
         "concurrency": list(concurrency),
         "ours_tps": [],
+        "ours_default_tps": [],  # lossless early exit, the service's default
+        "ours_default_drafting_share": [],
         "llamacpp_batched_tps": [],
         "serial_tps": [],
         "ours_e2e_tps": [],
+        "ours_default_e2e_tps": [],
         "llamacpp_batched_e2e_tps": [],
     }
     for c in concurrency:
@@ -168,6 +245,8 @@ def bench_batch(
             res[f"{name}_tps"].append(round(r["decode_tps"], 1))
             if "e2e_tps" in r:
                 res[f"{name}_e2e_tps"].append(round(r["e2e_tps"], 1))
+            if "drafting_share" in r:
+                res[f"{name}_drafting_share"].append(round(r["drafting_share"], 3))
             if name == "ours" and c == max(concurrency):
                 res["ours_peak_rss_mb_at_max_concurrency"] = round(r["peak_rss_mb"], 1)
             if progress:
@@ -175,6 +254,7 @@ def bench_batch(
     res["ratio_vs_llamacpp_batched"] = [
         round(a / b, 3) for a, b in zip(res["ours_tps"], res["llamacpp_batched_tps"], strict=True)
     ]
+    res["default_vs_off"] = [round(a / b, 3) for a, b in zip(res["ours_default_tps"], res["ours_tps"], strict=True)]
     res["ratio_vs_serial"] = [round(a / b, 3) for a, b in zip(res["ours_tps"], res["serial_tps"], strict=True)]
     return res
 

@@ -44,14 +44,14 @@ if unzip -p "$OUR_WHEEL" 'appliance/_native*.so' > "$OUT/_native.so" && \
 fi
 cp "$LLAMA_WHEEL" "$STAGE/wheelhouse/"
 
-echo "== every dependency as a wheel (built here when only an sdist exists)"
+echo "== every dependency as a wheel (built here when only an sdist exists), the training stack included"
 # constraints without the two packages given as files (pip refuses to constrain a file requirement)
 grep -v -E '^(llama-cpp-python|appliance)==' "$ROOT/constraints.txt" > "$OUT/constraints-deps.txt"
 # --no-cache-dir: a wheel cached from an earlier build may have been compiled for this CPU only.
 # HNSWLIB_NO_NATIVE: hnswlib's setup.py adds -march=native otherwise (AVX-512 code from a build
 # machine that has it, SIGILL on an AVX2-only server).
 HNSWLIB_NO_NATIVE=1 "$PY" -m pip wheel -q --no-cache-dir -c "$OUT/constraints-deps.txt" -w "$STAGE/wheelhouse" \
-    "$OUR_WHEEL" "$STAGE/wheelhouse/$(basename "$LLAMA_WHEEL")"
+    "$OUR_WHEEL[train]" "$STAGE/wheelhouse/$(basename "$LLAMA_WHEEL")"
 
 # requirements.txt: exactly the wheels in the wheelhouse, so install.sh's resolver has no choice
 for whl in "$STAGE"/wheelhouse/*.whl; do

@@ -15,6 +15,8 @@ import numpy as np
 import numpy.typing as npt
 from llama_cpp import _internals
 
+from appliance.bench.common import gpu_layers
+
 
 def ref_load(
     path: str | Path,
@@ -37,7 +39,7 @@ def ref_load(
         n_ubatch=n_ctx,
         n_threads=n_threads,
         n_threads_batch=n_threads,
-        n_gpu_layers=0,
+        n_gpu_layers=gpu_layers(default=0),  # APPLIANCE_GPU_LAYERS=-1: llama.cpp CUDA (tools/gpu_check.sh)
         flash_attn=True,
         logits_all=logits_all,
         lora_path=None if lora is None else str(lora),

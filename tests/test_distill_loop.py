@@ -23,7 +23,7 @@ from tinymodels import tiny_config
 from appliance.cli.main import main
 from appliance.distill.capture import Limits, TeacherStore
 from appliance.distill.data import load_examples, read_jsonl
-from appliance.distill.evaluate import NEVER, calibrate, figures
+from appliance.distill.evaluate import NEVER, calibrate, figures, judge
 from appliance.distill.evaluate import Answer as EvalAnswer
 from appliance.distill.registry import Figures, PromoteRefused, Registry
 
@@ -112,11 +112,17 @@ def test_export_round_trips_through_the_training_reader(tmp_path: Path, tiny: Pa
 
 
 def test_calibration_keeps_the_share_at_the_target_precision() -> None:
-    answers = [EvalAnswer("x", low, True, 1.0, right) for low, right in [(-0.1, True), (-0.2, True), (-0.5, False)]]
-    assert calibrate(answers, 0.97) == -0.2
-    f = figures(answers, -0.2)
-    assert f["coverage"] == pytest.approx(2 / 3) and f["covered_exact_match"] == 1.0
-    assert calibrate([EvalAnswer("x", -0.1, True, 1.0, False)], 0.97) == NEVER
+    rows = [(-0.1, 0.5, True), (-0.2, 3.0, True), (-0.5, 2.0, False), (-0.05, 4.0, True)]
+    answers = [EvalAnswer("x", low, True, 1.0, right, margin) for low, margin, right in rows]
+    assert calibrate(answers, 0.97, "logprob") == -0.2
+    f = figures(answers, -0.2, "logprob")
+    assert f["coverage"] == pytest.approx(3 / 4) and f["covered_exact_match"] == 1.0
+    assert calibrate(answers, 0.97, "margin") == 3.0  # the margin rule ranks them differently
+    f = figures(answers, 3.0, "margin")
+    assert f["coverage"] == pytest.approx(2 / 4) and f["covered_exact_match"] == 1.0
+    assert calibrate([EvalAnswer("x", -0.1, True, 1.0, False, 9.0)], 0.97) == NEVER
+    with pytest.raises(ValueError, match="signal"):
+        judge(answers, answers, signal="vibes")
 
 
 def test_eval_then_promote_refuses_a_worse_model(tmp_path: Path, tiny: Path, adapter: Path) -> None:
@@ -289,3 +295,18 @@ def test_report_shows_each_tasks_local_share_and_accuracy(
     assert (triage["requests"], triage["local"], triage["cloud"], triage["confident"]) == (4, 2, 2, 1)
     assert triage["model"] == "triage-v1" and triage["accuracy"] == pytest.approx(0.99)
     assert tasks[("acme", "intents")]["cloud"] == 1 and tasks[("globex", "triage")]["local_share"] == 0.0
+
+
+def test_a_task_model_named_itself_is_served_under_its_adapter_as_asked(served: ServerProcess) -> None:
+    """By its own name a task model answers locally under its adapter, without the confidence rule
+    (intents-v1's rule would send every answer to the cloud); an unknown name lists the models."""
+    ask = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0, "cache_policy": 1}
+    with served.client("acme") as c:
+        by_name = c.generate(**ask, model="intents-v1", request_id="t-named")
+        by_task = c.generate(**ask, model="triage", route_policy=LOCAL_ONLY)
+        with pytest.raises(grpc.RpcError) as err:
+            c.generate(**ask, model="intents-v9")
+    assert by_name.route == ROUTE_LOCAL and by_name.model == "intents-v1" and by_name.route_reason == "task_model_named"
+    assert by_name.text == by_task.text  # the same adapter (both registered models are this file)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "intents-v1" in (err.value.details() or "")
+    assert ledger_row(served, "t-named")["model"] == "intents-v1"

@@ -23,8 +23,10 @@ pytest.importorskip("peft")
 
 from appliance import _native
 from appliance.cli.distill import register
+from appliance.common.config import load_config
+from appliance.distill.capture import store_for
 from appliance.distill.data import load_examples
-from appliance.distill.export import from_hf, merge, write_adapter
+from appliance.distill.export import from_hf, merge, read_answers, write_adapter
 from appliance.distill.train import TrainConfig, load_model, lora_weights, train
 
 LABELS = {"water": ("hello", "world", "people"), "time": ("number", "day", "first"), "long": ("look", "find", "call")}
@@ -187,3 +189,28 @@ def test_cli_bad_data_trains_nothing(
     err = capsys.readouterr().err
     assert f"{data}:2: completion: expected a string" in err and "nothing was trained" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
+
+
+def test_cli_trains_on_a_tenants_captured_task(
+    tiny_model: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--tenant/--task: the service's captured cloud answers of that task, and only that tenant's."""
+    cfg_path = tmp_path / "appliance.toml"
+    cfg_path.write_text(f'[storage]\ndir = "{tmp_path / "state"}"\n')
+    with store_for(load_config(cfg_path)) as store:
+        for r in task_rows(24, seed=2):
+            store.add("acme", r["completion"], task="triage", prompt=r["prompt"])
+            store.add("globex", " other", task="triage", prompt=r["prompt"])  # another tenant's: never used
+        store.add("acme", " x", task="summaries", prompt="text: hello\nlabel:")
+    argv = ["distill", "train", "--tenant", "acme", "-c", str(cfg_path), "--base", str(tiny_model("gemma3", "Q8_0"))]
+    argv += ["--epochs", "1", "--rank", "4", "--lr", "0.01", "--threads", "1", "--batch-size", "4", "--json"]
+    assert _cli([*argv, "--task", "triage", "--out", str(tmp_path / "m" / "triage")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["train_examples"] == 22 and Path(out["adapter"]).is_file()
+    assert read_answers(out["adapter"]) is not None  # a classification: its labels are recorded
+    assert _cli([*argv, "--task", "nope", "--out", str(tmp_path / "n" / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "no examples captured for tenant 'acme', task 'nope'" in err and "triage (24)" in err
+    assert _cli([*argv[:-1], "--out", str(tmp_path / "n" / "x")]) == 2  # --tenant without --task
+    assert "--tenant needs --task" in capsys.readouterr().err
+    assert not (tmp_path / "n").exists()

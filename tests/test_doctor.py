@@ -186,3 +186,11 @@ def test_cache_check_names_the_embedder_and_its_threshold(tmp_path: Path) -> Non
     assert wrong[0].level is Level.WARN and "is a generation model; an embedding model is needed" in wrong[0].detail
     off = check_cache(load_config(_config(tmp_path, "[cache]\nenabled = false")))
     assert off[0].level is Level.OK and "disabled" in off[0].detail
+
+
+def test_doctor_reports_the_training_stack() -> None:
+    from appliance.cli.doctor_checks import check_training
+
+    c = check_training()
+    assert c.name == "training stack" and "torch 2.13.0" in c.detail and "peft" in c.detail
+    assert c.detail.endswith((" on cpu", " on cuda"))

@@ -9,14 +9,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from reference import ref_load, ref_logits
 
 from appliance import _native
 from appliance.common.errors import InvalidArgument
 from appliance.common.types import GenerateInput, SamplingInput
 from appliance.engine.core import eog_tokens
 from appliance.engine.engine import Engine
-from appliance.engine.grammar import json_grammar
+from appliance.engine.grammar import choice_grammar, json_grammar
 from appliance.engine.sampling import SamplingOptions
 from appliance.service.normalize import normalize
 
@@ -74,6 +76,18 @@ class Tiny:
                     finish[ev.id] = ev.finish_reason
             assert self.engine.check_invariants() == ""
         return [(out[i], finish[i]) for i in ids]
+
+    def scored(self, prompt: str, **kw: Any) -> tuple[list[int], list[float]]:
+        """One request with logprobs on: its tokens and their margins."""
+        rid = self.engine.submit(list(self.vocab.tokenize(prompt)), logprobs=True, **kw)
+        tokens: list[int] = []
+        margins: list[float] = []
+        while not self.engine.idle:
+            for ev in self.engine.step():
+                assert ev.id == rid
+                tokens += ev.tokens
+                margins += ev.margins
+        return tokens, margins
 
     def text(self, tokens: list[int]) -> str:
         return bytes(self.vocab.detokenize(tokens)).decode("utf-8", errors="replace")
@@ -141,6 +155,35 @@ def test_a_tiny_grammar_is_followed_exactly(tiny: Tiny) -> None:
         assert finish == "stop"
         head, digits = text.split(" ")
         assert head in ("yes", "no") and digits.isdigit() and 1 <= len(digits) <= 2
+
+
+ANSWERS = [" yes", " no", ' say "hi"\n', " maybe so", " back\\slash"]
+
+
+def test_a_choice_grammar_answers_one_of_its_answers_with_margins(tiny: Tiny) -> None:
+    """A task's known answers as a grammar: greedy decoding gives exactly one of them; each token's
+    margin is its lead over the best other token the grammar allowed (>= 0 for greedy; one answer
+    can still be spelled with different tokens, so even then a token has rivals)."""
+    grammar = choice_grammar(ANSWERS)
+    for p in PROMPTS:
+        tokens, margins = tiny.scored(p, temperature=0.0, grammar=grammar, max_tokens=40)
+        assert tiny.text(tokens).strip() in [a.strip() for a in ANSWERS] and len(margins) == len(tokens)
+        assert all(m >= 0 for m in margins)
+    tokens, margins = tiny.scored(PROMPTS[0], temperature=0.0, grammar=choice_grammar([" maybe so"]))
+    assert tiny.text(tokens).strip() == "maybe so" and all(m >= 0 for m in margins)
+    with pytest.raises(ValueError, match="no answers"):
+        choice_grammar(["", ""])
+
+
+def test_margin_without_a_grammar_is_the_lead_over_the_runner_up(tiny_model: Callable[..., Path]) -> None:
+    """Against llama.cpp's logits: the first token's margin is the gap between the two best logits."""
+    path = tiny_model("qwen3", "F32")
+    t = Tiny(path)
+    llm = ref_load(path)
+    for p in PROMPTS:
+        _, margins = t.scored(p, temperature=0.0, max_tokens=1, stop_at_eog=False)
+        row = np.sort(ref_logits(llm, list(t.vocab.tokenize(p)))[-1])
+        assert margins[0] == pytest.approx(float(row[-1] - row[-2]), abs=2e-3)
 
 
 @pytest.mark.parametrize(

@@ -33,8 +33,13 @@ def write_config(
     if tcp:
         lines.append('tcp = "127.0.0.1:0"')
     lines += [f"{k} = {v!r}" for k, v in (server or {}).items()]
-    model_items = {"path": str(model), "n_ctx": 8192, "context_budget": 1024, "threads": 1, **model_cfg}
-    lines += ["[model]"] + [f"{k} = {v!r}".replace("'", '"') for k, v in model_items.items()]
+    # cut_loops off unless a test asks: tiny random models loop at once, and the deadline, cancel and
+    # drain tests need generations that run until stopped
+    model_items = {"path": str(model), "n_ctx": 8192, "context_budget": 1024, "threads": 1, "cut_loops": False}
+    model_items.update(model_cfg)
+    lines += ["[model]"] + [
+        f"{k} = {str(v).lower() if isinstance(v, bool) else repr(v)}".replace("'", '"') for k, v in model_items.items()
+    ]
     lines += ["[storage]", f'dir = "{path.parent / "state"}"']
     lines += ["[cache]", f"enabled = {str(bool(cache)).lower()}", f'dir = "{path.parent / "semantic-cache"}"']
     if isinstance(cache, Mapping):  # settings beyond enabled = true

@@ -298,3 +298,12 @@ def test_the_packaged_config_parses_and_keeps_the_defaults() -> None:
     assert cfg.model.kv_cache_mb == default.model.kv_cache_mb and cfg.model.threads == default.model.threads
     assert (cfg.cache.embed_threads, cfg.cache.embedding_model, cfg.cache.threshold) == (0, "", 0.0)
     assert cfg.cache.enabled and cfg.cache.ttl_s == default.cache.ttl_s
+
+
+def test_a_tenant_names_the_model_its_requests_get_by_default() -> None:
+    token = "0" * 64
+    cfg = parse_config(
+        f'[[tenants]]\nname = "acme"\ntoken_sha256 = "{token}"\nmodel = "triage"\n'
+        f'[[tenants]]\nname = "globex"\ntoken_sha256 = "{"1" * 64}"\n'
+    )
+    assert cfg.model_for("acme") == "triage" and cfg.model_for("globex") == "" and cfg.model_for("nobody") == ""

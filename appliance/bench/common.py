@@ -20,6 +20,18 @@ def random_tokens(n_vocab: int, n: int, seed: int) -> list[int]:
     return [int(t) for t in rng.integers(4, min(n_vocab, 32000), size=n)]
 
 
+ENV_GPU_LAYERS = "APPLIANCE_GPU_LAYERS"
+
+
+def gpu_layers(default: int = -1) -> int:
+    """Layers both engines put on a GPU, as llama.cpp's -ngl (-1: all; no effect without a GPU), from
+    APPLIANCE_GPU_LAYERS: `appliance bench decode/batch --gpu-layers N` sets it for the child processes,
+    tools/gpu_check.sh for the parity tests' llama.cpp reference."""
+    import os
+
+    return int(os.environ.get(ENV_GPU_LAYERS, str(default)))
+
+
 def run_child(module: str, args: list[str]) -> Any:
     """Run `python -m module args` and return the JSON it prints last (its own process: own peak RSS)."""
     out = subprocess.run([sys.executable, "-m", module, *args], check=True, capture_output=True, text=True)

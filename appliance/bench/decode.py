@@ -16,13 +16,13 @@ import sys
 import time
 from typing import Any
 
-from appliance.bench.common import random_tokens, run_child
+from appliance.bench.common import gpu_layers, random_tokens, run_child
 
 
 def run_ours(model: str, threads: int, n_prompt: int, n_gen: int) -> dict[str, float]:
     from appliance import _native
 
-    m = _native.Model(model)
+    m = _native.Model(model, gpu_layers=gpu_layers())
     ctx = _native.Context(m, n_ctx=n_prompt + n_gen + 16, n_ubatch=n_prompt, n_threads=threads)
     prompt = random_tokens(m.n_vocab, n_prompt, 0)
     gen = random_tokens(m.n_vocab, n_gen, 1)
@@ -49,7 +49,7 @@ def run_ref(model: str, threads: int, n_prompt: int, n_gen: int) -> dict[str, fl
         n_threads=threads,
         n_threads_batch=threads,
         flash_attn=True,
-        n_gpu_layers=0,
+        n_gpu_layers=gpu_layers(),
         verbose=False,
     )
     ctx = llm._ctx.ctx

@@ -32,6 +32,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     d.add_argument("--reps", type=int, default=3, help="rounds per engine (default 3)")
     d.add_argument("--prompt-tokens", type=int, default=512)
     d.add_argument("--gen-tokens", type=int, default=128)
+    _gpu_layers_arg(d)
     d.set_defaults(func=_runner(_decode))
 
     b = _add(
@@ -43,6 +44,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "128 tokens out).",
     )
     b.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    _gpu_layers_arg(b)
     b.set_defaults(func=_runner(_batch))
 
     x = _add(
@@ -59,14 +61,45 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "serve",
         "requests/s and p50/p99 through the gRPC service vs the engine directly",
         "What the service costs: short generations through a real server process and real clients versus the "
-        "same requests through the batching engine in-process, at 1, 4, 8 and 16 concurrent clients.",
+        "same requests through the batching engine in-process, at 1, 4, 8 and 16 concurrent clients. With --peer "
+        "llama-server: the service (default config, semantic cache off) against llama-server built from the pinned "
+        "llama-cpp-python sdist (-np = clients, flash attention), 128-token streamed greedy requests from 1, 8 and 16 "
+        "clients, alternating rounds: tokens/s, time to first token and the ratio.",
     )
-    s.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
-    s.add_argument("--repeats", type=int, default=3, help="service/engine round pairs per concurrency (median)")
+    s.add_argument("--concurrency", type=int, nargs="+", default=None, help="default 1 4 8 16; with --peer 1 8 16")
+    s.add_argument("--repeats", type=int, default=3, help="round pairs per concurrency (median)")
     s.add_argument(
         "--per-client", type=int, default=4, help="requests each client sends per round (default 4; at least 8 a round)"
     )
+    s.add_argument("--peer", choices=["llama-server"], default=None, help="measure against llama-server instead")
+    s.add_argument("--max-tokens", type=int, default=128, help="tokens per request with --peer (default 128)")
     s.set_defaults(func=_runner(_serve))
+
+    h = _add(
+        bsub,
+        "http",
+        "tokens/s through our OpenAI-compatible HTTP edge vs llama-server",
+        "The HTTP edge against llama-server (built from the pinned llama-cpp-python sdist, `make llama-server`): "
+        "128-token streamed greedy /v1/completions requests from 1 and 8 concurrent clients through a real "
+        "`appliance serve` (default config, semantic cache off) and through llama-server (-np = clients, flash "
+        "attention, same model and prompts), alternating rounds, medians of 3.",
+    )
+    h.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    h.add_argument("--repeats", type=int, default=3, help="rounds per side and concurrency (median)")
+    h.add_argument("--max-tokens", type=int, default=128, help="tokens per request (default 128)")
+    h.set_defaults(func=_runner(_http))
+
+    ad = _add(
+        bsub,
+        "adapters",
+        "8 requests under no adapter, one LoRA adapter and 8 different ones in one batch, vs llama.cpp",
+        "Per-request LoRA adapters: aggregate decode tokens/s of 8 concurrent requests (128-token prompts, 128 "
+        "tokens out) with no adapter, all under one adapter and under 8 different adapters in one batch (rank-16 "
+        "adapters on every linear layer, seeded, cached under build/bench-adapters/), and llama.cpp serving the "
+        "same requests with one context per adapter configuration; alternating rounds in child processes, medians.",
+    )
+    ad.add_argument("--reps", type=int, default=3, help="rounds per engine (default 3)")
+    ad.set_defaults(func=_runner(_adapters))
 
     c = _add(
         bsub,
@@ -90,10 +123,39 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "full-depth output, mean layers per token, and llama.cpp's batched decode in the same run. Needs the "
         "model's calibration (appliance models calibrate-exit).",
     )
-    e.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
+    e.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     e.add_argument("--prompts", type=int, default=50, help="held-out prompts served per mode (default 50)")
     e.add_argument("--tokens", type=int, default=48, help="tokens generated per prompt (default 48)")
     e.set_defaults(func=_runner(_early_exit))
+
+    dd = _add(
+        bsub,
+        "distill",
+        "a LoRA task model trained on BANKING77 intents: accuracy, local share, training time, saving",
+        "Distillation on one repeated task: intent classification on a text,label CSV (BANKING77's train.csv),"
+        " shuffled by --seed; the first --train rows train a LoRA on the served model (10%% of them held out for"
+        " validation, early stopping and calibrating the confidence rule), the rest are the test set. Reports"
+        " the base model's exact match, the task model's (decoding kept to the trained labels), the share the"
+        " confidence rule keeps local at --target precision and its accuracy there, training time and"
+        " tokens/s, and the cascade's saving against sending everything to the cloud at the configured prices."
+        " Training 3,000 examples takes tens of minutes on 2 cores; progress goes to stderr.",
+    )
+    dd.add_argument(
+        "--csv", type=Path, default=None, help="text,label CSV (default: ../shared/data/banking77/train.csv)"
+    )
+    dd.add_argument("--train", type=int, default=3000, help="rows to train on (default 3000)")
+    dd.add_argument("--test", type=int, default=None, help="rows to test on (default: all the rest)")
+    dd.add_argument("--base-n", type=int, default=300, help="test rows the base model answers (default 300)")
+    dd.add_argument("--epochs", type=int, default=2)
+    dd.add_argument("--lr", type=float, default=5e-4)
+    dd.add_argument("--rank", type=int, default=16)
+    dd.add_argument("--batch-size", type=int, default=8)
+    dd.add_argument("--seed", type=int, default=0)
+    dd.add_argument("--target", type=float, default=0.97, help="precision the confidence rule is calibrated for")
+    dd.add_argument("--work", type=Path, default=Path("build/bench-distill"), help="where the split and model go")
+    dd.add_argument("--adapter", type=Path, default=None, help="reuse an adapter trained on this split (no training)")
+    dd.add_argument("--config", "-c", default=None, help="the service's TOML config (for its [pricing])")
+    dd.set_defaults(func=_runner(_distill))
 
     v = _add(
         bsub,
@@ -117,6 +179,52 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     for name, default in msgspec.structs.asdict(Prices()).items():
         v.add_argument(f"--{name.replace('_', '-')}", type=float, default=default, help=f"price (default {default})")
     v.set_defaults(func=_runner(_savings))
+
+    ct = bsub.add_parser(
+        "cache-tune",
+        help="semantic cache: plain vs tuned MiniLM on held-out BANKING77 and CLINC150 queries",
+        description="Tunes the cache's MiniLM (`appliance cache tune`) on a share of BANKING77 train.csv and on "
+        "half of CLINC150's validation split, then replays the queries tuning never saw through the plain and "
+        "the tuned embedders: area under the precision/hit-rate curve and best hit rate at precision >= 0.97, "
+        "for the cosine threshold and the calibrated decision; the BANKING77-tuned embedder also on CLINC150; "
+        "lookup latency at --entries entries. Tuning takes tens of minutes on 2 busy cores; progress on stderr.",
+    )
+    ct.add_argument("--banking77", type=Path, default=None, help="default: ../shared/data/banking77/train.csv")
+    ct.add_argument("--clinc150", type=Path, default=None, help="default: tests/data/clinc150_val.csv")
+    ct.add_argument("--work", type=Path, default=Path("build/bench-cache-tune"), help="where the tuned GGUFs go")
+    ct.add_argument("--reuse", action="store_true", help="reuse tuned GGUFs already in --work")
+    ct.add_argument("--tune-fraction", type=float, default=0.6, help="BANKING77 share that tunes (default 0.6)")
+    ct.add_argument("--epochs", type=int, default=1)
+    ct.add_argument("--max-anchors", type=int, default=800, help="anchors per epoch (default 800)")
+    ct.add_argument("--entries", type=int, default=100_000, help="entries for the latency check (0: skip it)")
+    ct.add_argument("--seed", type=int, default=0)
+    ct.add_argument("--threads", type=int, default=2)
+    ct.add_argument("--json", action="store_true", help="print only the JSON result on stdout")
+    ct.set_defaults(func=_cache_tune)
+
+
+def _cache_tune(a: argparse.Namespace) -> int:
+    from appliance.cache.errors import CacheError
+    from appliance.cache.tune import TuneConfig
+    from appliance.cache.tunebench import bench_tune
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        cfg = TuneConfig(epochs=a.epochs, max_anchors=a.max_anchors, threads=a.threads, seed=a.seed)
+        cfg.validate()
+        res = bench_tune(
+            a.banking77 or root.parent / "shared" / "data" / "banking77" / "train.csv",
+            a.clinc150 or root / "tests" / "data" / "clinc150_val.csv",
+            a.work,
+            cfg,
+            tune_fraction=a.tune_fraction,
+            entries=a.entries,
+            reuse=a.reuse,
+        )
+    except CacheError as e:
+        print(f"appliance bench: {e}", file=sys.stderr)
+        return 2
+    return _print(res, a.json)
 
 
 def _add(
@@ -176,16 +284,76 @@ def _savings(model: str, threads: int, a: argparse.Namespace) -> dict[str, Any]:
     return bench_savings(model, threads, a.queries, w, prices, a.cloud_url, a.cloud_model)
 
 
+def _distill(model: str, threads: int, a: argparse.Namespace) -> dict[str, Any]:
+    from appliance.bench.distill import bench_distill
+    from appliance.common.config import load_config
+    from appliance.distill.train import TrainConfig
+
+    csv_path = a.csv or Path(__file__).resolve().parents[2].parent / "shared" / "data" / "banking77" / "train.csv"
+    cfg = TrainConfig(
+        epochs=a.epochs, lr=a.lr, rank=a.rank, alpha=2.0 * a.rank, batch_size=a.batch_size, threads=threads, seed=a.seed
+    )
+    return bench_distill(
+        model,
+        threads,
+        csv_path,
+        a.work,
+        n_train=a.train,
+        n_test=a.test,
+        n_base=a.base_n,
+        seed=a.seed,
+        cfg=cfg,
+        adapter=a.adapter,
+        target=a.target,
+        pricing=load_config(a.config).pricing,
+    )
+
+
+def _gpu_layers_value(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -2
+    if n < -1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= -1 (-1: all), got {text!r}")
+    return n
+
+
+def _gpu_layers_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--gpu-layers",
+        type=_gpu_layers_value,
+        default=-1,
+        help="with a GPU build and a GPU: layers both engines put on it, as llama.cpp's -ngl (default -1: all)",
+    )
+
+
+def _set_gpu_layers(a: argparse.Namespace) -> None:
+    import os
+
+    from appliance.bench.common import ENV_GPU_LAYERS
+
+    os.environ[ENV_GPU_LAYERS] = str(a.gpu_layers)
+
+
 def _decode(model: str, threads: int, a: argparse.Namespace) -> dict[str, Any]:
     from appliance.bench.decode import bench_decode
 
+    _set_gpu_layers(a)
     return bench_decode(model, threads, a.reps, a.prompt_tokens, a.gen_tokens)
 
 
 def _batch(model: str, threads: int, a: argparse.Namespace) -> dict[str, Any]:
     from appliance.bench.batch import bench_batch
 
+    _set_gpu_layers(a)
     return bench_batch(model, threads, tuple(a.concurrency))
+
+
+def _adapters(model: str, threads: int, a: argparse.Namespace) -> dict[str, Any]:
+    from appliance.bench.adapters import bench_adapters
+
+    return bench_adapters(model, threads, max(1, a.reps))
 
 
 def _prefix(model: str, threads: int, a: argparse.Namespace) -> dict[str, Any]:
@@ -195,9 +363,17 @@ def _prefix(model: str, threads: int, a: argparse.Namespace) -> dict[str, Any]:
 
 
 def _serve(model: str, threads: int, a: argparse.Namespace) -> dict[str, Any]:
-    from appliance.bench.serve import bench_serve
+    from appliance.bench.serve import PEER_CONCURRENCY, bench_serve, bench_serve_peer
 
-    return bench_serve(model, threads, tuple(a.concurrency), max(1, a.repeats), max(1, a.per_client))
+    if a.peer:
+        return bench_serve_peer(model, threads, a.concurrency or PEER_CONCURRENCY, max(1, a.repeats), a.max_tokens)
+    return bench_serve(model, threads, tuple(a.concurrency or (1, 4, 8, 16)), max(1, a.repeats), max(1, a.per_client))
+
+
+def _http(model: str, threads: int, a: argparse.Namespace) -> dict[str, Any]:
+    from appliance.bench.http import bench_http
+
+    return bench_http(model, threads, a.concurrency, max(1, a.repeats), a.max_tokens)
 
 
 def _early_exit(model: str, threads: int, a: argparse.Namespace) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from typing import Any
 
 from appliance.cli.distill_train import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from appliance.common.config import Config, ConfigError, load_config
+from appliance.distill.rule import DEFAULT_SIGNAL, SIGNALS
 
 _DESCRIPTION = """\
 The distillation loop. With capture on ([distill] capture = true, or a tenant's own `capture`), the
@@ -66,10 +67,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "eval",
         help="measure a task model on held-out JSONL examples and calibrate its confidence rule",
         description="Answer each example greedily with our engine under the adapter (as the service"
-        " would), and print exact_match, n, coverage, covered_exact_match, p50_ms. Exact match compares"
-        " after trimming whitespace. The confidence rule keeps an answer local when it ended by itself and"
-        " its least likely token's log-probability is at least a threshold, calibrated on a validation"
-        " split for --target precision; the figures are measured on the rest. They are saved beside the"
+        " would), and print exact_match, n, coverage, covered_exact_match, p50_ms. When the adapter was"
+        " trained on a classification (a few distinct answers, each seen several times), it records them"
+        " and decoding keeps to them. Exact match compares after trimming whitespace. The confidence rule"
+        " keeps an answer local when it ended by itself and its signal is at least a threshold, calibrated"
+        " on a validation split for --target precision; the figures are measured on the rest. Signals:"
+        " margin (default: the smallest lead of a chosen token's logit over the best other it could have"
+        " been) or logprob (the least likely token's log-probability). The figures are saved beside the"
         " adapter (NAME.eval.json), where `promote` reads them.",
     )
     v.add_argument("--model", required=True, metavar="NAME_OR_ADAPTER", help="a trained name, an adapter or a model")
@@ -77,8 +81,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     v.add_argument("--base", default=None, metavar="MODEL", help="the base model (default: the one it was trained on)")
     v.add_argument("--target", type=float, default=0.97, help="precision the threshold is calibrated for")
     v.add_argument("--val-fraction", type=float, default=0.3, help="share of the data used for calibration")
+    v.add_argument("--signal", choices=SIGNALS, default=DEFAULT_SIGNAL, help="the confidence signal (default margin)")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--threads", type=int, default=None)
+    v.add_argument("--concurrency", type=int, default=8, help="examples answered at once (default 8)")
     v.add_argument("--no-save", action="store_true", help="do not write NAME.eval.json")
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_eval)
@@ -111,10 +117,9 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def _store(cfg: Config) -> Any:
-    from appliance.distill.capture import Limits, open_store
+    from appliance.distill.capture import store_for
 
-    d = cfg.distill
-    return open_store(d.path(cfg.storage), Limits(d.retention_days, d.max_examples, int(d.max_mb * (1 << 20))))
+    return store_for(cfg)
 
 
 def _fail(action: str, msg: str, rc: int = EXIT_FAILED) -> int:
@@ -191,25 +196,40 @@ def figures_path(path: Path, name: str) -> Path:
 def cmd_eval(args: argparse.Namespace) -> int:
     from appliance.distill.data import DataError
     from appliance.distill.evaluate import evaluate, load_cases
-    from appliance.engine.engine import Engine
+    from appliance.distill.export import read_answers
+    from appliance.engine.async_engine import AsyncEngine
 
     try:
         path, name, is_adapter = resolve(args.model)
         base = _base_of(path, name, args.base) if is_adapter else path
         cases = load_cases(args.data, base)
+        answers = read_answers(path) if is_adapter else None
+        if args.concurrency < 1:
+            raise ValueError(f"--concurrency must be >= 1, got {args.concurrency}")
     except (FileNotFoundError, ValueError) as e:  # DataError is a ValueError
         return _fail("eval", str(e), EXIT_USAGE)
+    engine: AsyncEngine | None = None
     try:
-        longest = max(len(c.prompt) + c.max_tokens for c in cases)
-        engine = Engine(base, n_ctx=max(256, longest + 16), n_threads=args.threads, early_exit=False)
+        engine = AsyncEngine(base, n_threads=args.threads, early_exit=False, max_seqs=args.concurrency)
         adapter = engine.load_adapter(path) if is_adapter else 0
         result = evaluate(
-            engine, cases, adapter=adapter, target=args.target, val_fraction=args.val_fraction, seed=args.seed
+            engine,
+            cases,
+            adapter=adapter,
+            answers=answers,
+            target=args.target,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            signal=args.signal,
+            concurrency=args.concurrency,
         )
     except DataError as e:
         return _fail("eval", str(e), EXIT_USAGE)
     except (OSError, RuntimeError, ValueError) as e:
         return _fail("eval", f"failed: {e}")
+    finally:
+        if engine is not None:
+            engine.close()
     result.update(
         {"model": name, "adapter": str(path) if is_adapter else None, "base": str(base), "data": str(args.data)}
     )
@@ -221,7 +241,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(
             f"{name}: exact_match {result['exact_match']:.4f} on {result['n']} held-out examples;"
             f" coverage {result['coverage']:.4f} at covered_exact_match {result['covered_exact_match']:.4f}"
-            f" (threshold {result['threshold']:.4f}, calibrated on {result['val_n']} for {args.target} precision);"
+            f" ({result['signal']} >= {result['threshold']:.4f},"
+            f" calibrated on {result['val_n']} for {args.target} precision);"
             f" p50 {result['p50_ms']:.1f} ms"
         )
     return EXIT_OK

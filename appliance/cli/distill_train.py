@@ -5,9 +5,12 @@ command runs."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2  # the exit statuses of every `appliance distill` action
@@ -19,8 +22,10 @@ and dequantized, so the adapter learns the weights that will run), on CPU with P
 Data: JSONL in the OpenAI fine-tuning shapes, one example a line:
   {"prompt": "Customer message: my card is lost\\nIntent:", "completion": " lost_or_stolen_card"}
   {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}
-A prompt is used as it is (as `generate` sends it) and the completion is followed by end-of-sequence;
-messages go through the model's chat template and the LAST assistant message is the answer. The loss
+or, with --tenant T --task NAME, the cloud answers the service captured for that tenant's task (the
+[distill] capture of its config; `appliance distill export` writes the same JSONL). A prompt is
+used as it is (as `generate` sends it) and the completion is followed by end-of-sequence; messages
+go through the model's chat template and the LAST assistant message is the answer. The loss
 is on the answer tokens only. A bad line is reported with its line number and field, and nothing is
 trained. 10% of the examples (chosen by --seed) are held out: their loss is reported before and
 after training, and training stops early when it stops improving; the adapter kept is the one with
@@ -40,6 +45,7 @@ same adapter bytes. Progress (loss, tokens/s, ETA) goes to stderr. Nothing is fe
 _TRAIN_EPILOG = """\
 examples:
   appliance distill train --data tickets.jsonl --out ticket-triage --merged
+  appliance distill train --tenant acme --task triage -c /etc/appliance/appliance.toml --out triage-v2
   appliance distill train --data intents.jsonl --out /tmp/intents --epochs 2 --rank 8 --json
 
 exit status: 0 trained and written, 1 training or export failed, 2 bad usage or bad data."""
@@ -53,7 +59,13 @@ def register_train(actions: argparse._SubParsersAction[argparse.ArgumentParser])
         epilog=_TRAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--data", required=True, type=Path, metavar="FILE.jsonl", help="training examples (JSONL)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", type=Path, metavar="FILE.jsonl", help="training examples (JSONL)")
+    src.add_argument(
+        "--tenant", metavar="T", help="train on the cloud answers the service captured for this tenant (with --task)"
+    )
+    p.add_argument("--task", metavar="NAME", help="with --tenant: the task whose captured examples to train on")
+    p.add_argument("--config", "-c", default=None, help="with --tenant: the service's TOML config (its state dir)")
     p.add_argument("--out", required=True, metavar="PATH_OR_NAME", help="output name, or DIR/NAME for another place")
     p.add_argument(
         "--base", default=None, metavar="MODEL", help="model to train: manifest name or .gguf path (default: served)"
@@ -106,6 +118,27 @@ def _resolve_base(ref: str | None) -> Path:
     return resolve_model(ref)
 
 
+@contextlib.contextmanager
+def _training_data(args: argparse.Namespace) -> Iterator[Path]:
+    """--data, or the tenant's captured examples of --task exported to a private temporary JSONL
+    (removed afterwards: `distill purge` stays the only copy to delete)."""
+    if args.data is not None:
+        yield args.data
+        return
+    from appliance.common.config import load_config
+    from appliance.distill.capture import store_for
+
+    with store_for(load_config(args.config)) as store, tempfile.TemporaryDirectory(prefix="appliance-distill-") as tmp:
+        path = Path(tmp) / f"{args.tenant}-{args.task}.jsonl"
+        if store.export(args.tenant, path, args.task) == 0:
+            have = store.counts(args.tenant)
+            listed = ", ".join(f"{t} ({n})" for t, n in sorted(have.items())) or "none"
+            raise LookupError(
+                f"no examples captured for tenant '{args.tenant}', task '{args.task}' (captured: {listed})"
+            )
+        yield path
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from appliance.distill.data import DataError
     from appliance.distill.run import distill, output_paths
@@ -125,13 +158,21 @@ def cmd_train(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
         cfg.validate()
+        if args.tenant is not None and not args.task:
+            raise ValueError("--tenant needs --task NAME (the task whose captured examples to train on)")
+        if args.tenant is None and (args.task or args.config):
+            raise ValueError("--task and --config go with --tenant (use --data for a JSONL file)")
         base = _resolve_base(args.base)
         outputs = output_paths(args.out, _models_dir())
     except (ValueError, FileNotFoundError) as e:
         print(f"appliance distill train: {e}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        report = distill(args.data, base, outputs, cfg, merged=args.merged)
+        with _training_data(args) as data:
+            report = distill(data, base, outputs, cfg, merged=args.merged)
+    except LookupError as e:  # nothing captured for the tenant's task
+        print(f"appliance distill train: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except DataError as e:
         print(f"appliance distill train: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -12,8 +12,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "doctor",
         help="check models, config, permissions, CPU, GPU, ports and disk; say what to fix",
         description="Check this installation: the config parses; the default models are present with the "
-        "manifest's sha256; the state and socket folders have safe owners and modes; the CPU has AVX2 and "
-        "which ggml CPU variant was loaded; GPU presence; the TCP ports are free or the appliance's own; "
+        "manifest's sha256; the state and socket folders have safe owners and modes; the CPU has AVX2, "
+        "which ggml CPU variant was loaded and which kernels it runs; the GPU (device, memory, driver, what "
+        "[model] gpu_layers offloads) or 'no GPU: CPU'; the TCP ports are free or the appliance's own; "
         "free disk. Exits 1 when a check fails (warnings do not). Run it as root or as the service user, "
         "with the service's environment: APPLIANCE_HOME=/var/lib/appliance for an installed system.",
     )

@@ -3,7 +3,8 @@
 Each check gives ok, warn or fail with a one-line detail and, unless ok, what to do about it.
 The checks: the config parses; the default models (and a configured model file) are present with
 the manifest's sha256; the state, socket and config locations have safe permissions; the CPU has
-what the bundled ggml needs and which ggml CPU variant was loaded; GPU presence; the configured TCP
+what the bundled ggml needs, which ggml CPU variant was loaded and which kernels it runs; the GPU
+(device, memory, driver, what [model] gpu_layers offloads) or "no GPU: CPU"; the configured TCP
 ports are free or already ours; free disk space.
 """
 
@@ -13,8 +14,9 @@ import enum
 import shutil
 import socket
 import stat
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -103,19 +105,21 @@ def check_cache(cfg: Config) -> list[Check]:
     cache off (a WARN: requests are still served, only not from the cache)."""
     from appliance.cache.config import shipped_calibrations
     from appliance.cache.embedder import file_version
+    from appliance.cache.names import resolve_embedder, stored_calibration
     from appliance.models.manifest import ManifestError, UnknownModelError
-    from appliance.models.modelref import resolve_model
 
     c = cfg.cache
     if not c.enabled:
         return [_ok("semantic cache", "disabled ([cache] enabled = false)")]
     try:
-        path = resolve_model(c.embedding_model or None, role="embedding")
+        path = resolve_embedder(c.embedding_model or None)  # a tuned embedder's name too
     except (OSError, UnknownModelError, ManifestError) as e:
         fix = "fix [cache] embedding_model" if c.embedding_model else "`appliance models pull all-minilm-l6-v2`"
         return [Check("semantic cache", Level.WARN, f"off: {e}", fix)]
     if c.threshold:
         return [_ok("semantic cache", f"{path.name}, threshold {c.threshold} ([cache] threshold)")]
+    if stored_calibration(path) is not None:
+        return [_ok("semantic cache", f"{path.name}, a tuned embedder with its own calibrated decision")]
     version = file_version(path)
     cal = shipped_calibrations().get(version)
     if cal is None:
@@ -204,16 +208,93 @@ def check_cpu(flags: frozenset[str]) -> list[Check]:
     return out
 
 
-def check_gpu(dev: Path = Path("/dev")) -> Check:
-    nodes = sorted(p.name for p in dev.glob("nvidia*")) if dev.is_dir() else []
+def ggml_kernels(info: Mapping[str, Any]) -> Check:
+    """The instruction sets the loaded ggml CPU backend was built for: its kernels (what runs)."""
+    feats = [str(f) for f in info.get("cpu_features", [])]
+    on = [f.partition("=")[0] for f in feats if f.partition("=")[2] not in ("", "0")]
+    simd = [f for f in on if f.startswith(("AVX", "AMX", "F16C", "FMA", "BMI", "SSE", "SSSE"))]
+    if not simd:
+        return Check("ggml kernels", Level.WARN, "the CPU backend reports no features", "reinstall the appliance")
+    widest = next((w for w in ("AMX_INT8", "AVX512_BF16", "AVX512_VNNI", "AVX512", "AVX2") if w in simd), simd[-1])
+    return _ok("ggml kernels", f"{widest} ({' '.join(simd)})")
+
+
+def nvidia_smi() -> list[dict[str, str]]:
+    """nvidia-smi's GPUs: name, memory.total, driver_version (empty without nvidia-smi or a driver)."""
+    import subprocess
+
     smi = shutil.which("nvidia-smi")
-    if not nodes and not smi:
-        return _ok("gpu", "none found; the appliance runs on the CPU")
-    if nodes and not smi:
-        return Check(
-            "gpu", Level.WARN, f"/dev/{', /dev/'.join(nodes)} present but no nvidia-smi", "install the driver tools"
+    if smi is None:
+        return []
+    fields = ("name", "memory.total", "driver_version")
+    try:
+        out = subprocess.run(
+            [smi, f"--query-gpu={','.join(fields)}", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
         )
-    return _ok("gpu", f"{smi}; device nodes: {', '.join(nodes) or 'none'} (give the service access: install.sh --gpu)")
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    if out.returncode != 0:
+        return []
+    return [dict(zip(fields, (v.strip() for v in line.split(",")), strict=False)) for line in out.stdout.splitlines()]
+
+
+def check_gpu(
+    cfg: Config,
+    info: Mapping[str, Any],
+    smi: list[dict[str, str]],
+    dev: Path = Path("/dev"),
+) -> Check:
+    """The GPU the appliance uses (from ggml: device, memory; the driver from nvidia-smi) and what
+    [model] gpu_layers puts on it, or why it runs on the CPU."""
+    from appliance.engine.placement import gpu_layers_plan
+
+    nodes = sorted(p.name for p in dev.glob("nvidia*")) if dev.is_dir() else []
+    gpu_backends = [str(b) for b in info.get("backends", []) if b != "CPU"]
+    gpus = list(info.get("gpus", []))
+    seen = ", ".join(f"{g.get('name', '?')} driver {g.get('driver_version', '?')}" for g in smi)
+    if not gpu_backends:
+        if smi or nodes:
+            return Check(
+                "gpu",
+                Level.WARN,
+                f"no GPU: CPU; this is a CPU build but the machine has {seen or '/dev/' + ', /dev/'.join(nodes)}",
+                "build the CUDA flavour (`make serve GPU=cuda`, or the bundle's CUDA flavour) to use it",
+            )
+        return _ok("gpu", "no GPU: CPU")
+    if not gpus:
+        detail = f"no GPU: CPU (this build has ggml's {', '.join(gpu_backends)} backend, which finds no device)"
+        if smi or nodes:
+            return Check(
+                "gpu",
+                Level.WARN,
+                f"{detail}; nvidia-smi: {seen or 'no answer'}",
+                "check the driver (nvidia-smi) and that the service may open /dev/nvidia* (install.sh --gpu)",
+            )
+        return _ok("gpu", detail)
+    g = gpus[0]
+    gib = 1024**3
+    driver = next((s.get("driver_version", "") for s in smi), "") or "unknown (no nvidia-smi)"
+    what = gpu_layers_plan(cfg.model.gpu_layers)
+    detail = (
+        f"{g['name']} {g['description']}, {int(g['memory_total']) / gib:.1f} GiB"
+        f" ({int(g['memory_free']) / gib:.1f} free), driver {driver}; offloaded: {what}"
+    )
+    if len(gpus) > 1:
+        detail += f" (the first of {len(gpus)} GPUs)"
+    return _ok("gpu", detail)
+
+
+def native_info() -> dict[str, Any]:
+    """_native.system_info(), or {} when the extension cannot load (the CPU check says why)."""
+    try:
+        from appliance import _native
+
+        return dict(_native.system_info())
+    except (ImportError, RuntimeError):
+        return {}
 
 
 # ---------------------------------------------------------------- ports and disk
@@ -282,6 +363,32 @@ def default_config_path(explicit: str | None) -> Path | None:
     return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
 
 
+TRAINING_STACK = ("torch", "transformers", "peft")
+
+
+def check_training() -> Check:
+    """The training stack `appliance distill train` and `cache tune` need: installed, which versions,
+    on which device. Without it the service runs; only training is unavailable."""
+    from importlib import metadata
+
+    versions, missing = [], []
+    for dist in TRAINING_STACK:
+        try:
+            versions.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            missing.append(dist)
+    if missing:
+        fix = "make serve installs it; or pip install 'appliance[train]' (the offline bundle carries it)"
+        return Check("training stack", Level.WARN, f"missing {', '.join(missing)}: distill train is unavailable", fix)
+    try:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    except Exception as e:  # a broken install raises anything from its native libraries
+        return Check("training stack", Level.WARN, f"torch does not load: {e}", "reinstall torch==2.13.0")
+    return _ok("training stack", f"{', '.join(versions)} on {device}")
+
+
 def run_checks(config: str | None, service_user: str | None = None) -> list[Check]:
     from appliance.models import ggml_cpu
     from appliance.models.provision import data_home
@@ -291,12 +398,15 @@ def run_checks(config: str | None, service_user: str | None = None) -> list[Chec
     checks = [first]
     if cfg is None:
         return checks
+    info = native_info()
     steps: list[Callable[[], list[Check]]] = [
         lambda: check_models(cfg),
         lambda: check_cache(cfg),
         lambda: check_permissions(cfg, path, service_user),
         lambda: check_cpu(ggml_cpu.cpu_flags()),
-        lambda: [check_gpu()],
+        lambda: [ggml_kernels(info)],
+        lambda: [check_gpu(cfg, info, nvidia_smi())],
+        lambda: [check_training()],
         lambda: check_ports(cfg),
         lambda: check_disk([cfg.storage.path(), data_home() / "models"]),
     ]

@@ -194,7 +194,9 @@ def run_cascade_eval(args: argparse.Namespace) -> int:
         if args.limit:
             texts, labels = texts[: args.limit], labels[: args.limit]
         m = cfg.model
-        backend = LocalBackend.load(resolve_model(m.path or None), m.n_ctx, m.threads, kv_cache_mb=m.kv_cache_mb)
+        backend = LocalBackend.load(
+            resolve_model(m.path or None), m.n_ctx, m.threads, kv_cache_mb=m.kv_cache_mb, gpu_layers=m.gpu_layers
+        )
     except (TrainingDataError, ConfigError, ManifestError, LookupError, OSError, ValueError) as e:
         return _fail(str(e))
     try:

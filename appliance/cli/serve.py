@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "serve",
         help="run the service (gRPC on a Unix socket, optional TCP; optional OpenAI/Ollama HTTP edge)",
         description="Serve the Appliance gRPC API on a Unix socket (and TCP when configured), and the "
-        "OpenAI-compatible and Ollama HTTP API when server.http is set, until SIGTERM, then drain. "
+        "OpenAI-compatible and Ollama HTTP API when [http] listen is set, until SIGTERM, then drain. "
         "Every setting has a default; --config names a TOML file (see appliance/common/config.py).",
     )
     p.add_argument("--config", "-c", default=None, help="TOML config file (default: built-in defaults)")
@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--http",
         default=None,
-        help="override server.http: the OpenAI/Ollama HTTP edge on host:port ('' turns it off; an address "
+        help="override [http] listen: the OpenAI/Ollama HTTP edge on host:port ('' turns it off; an address "
         "other than loopback needs [[tenants]] with tokens)",
     )
     p.add_argument("--hash-token", action="store_true", help="print a new bearer token and its token_sha256, exit")
@@ -93,18 +93,19 @@ def run_serve(args: argparse.Namespace) -> int:
         if args.tcp is not None:
             hostport(args.tcp)
             server_cfg = msgspec.structs.replace(server_cfg, tcp=args.tcp)
+        http_cfg = cfg.http
         if args.http is not None:
             if args.http:
                 hostport(args.http)
-            server_cfg = msgspec.structs.replace(server_cfg, http=args.http)
+            http_cfg = msgspec.structs.replace(http_cfg, listen=args.http)
         if args.model is not None:
             model_cfg = msgspec.structs.replace(model_cfg, path=args.model)
-        cfg = msgspec.structs.replace(cfg, server=server_cfg, model=model_cfg)
+        cfg = msgspec.structs.replace(cfg, server=server_cfg, http=http_cfg, model=model_cfg)
         if cfg.server.tcp and not cfg.tenants:
             raise ConfigError("$.server.tcp: TCP needs at least one [[tenants]] entry with a token_sha256")
-        if cfg.server.http and not cfg.tenants and not is_loopback(hostport(cfg.server.http)[0]):
+        if cfg.http.listen and not cfg.tenants and not is_loopback(hostport(cfg.http.listen)[0]):
             raise ConfigError(
-                "$.server.http: a listener on a non-loopback address needs at least one [[tenants]] entry"
+                "$.http.listen: a listener on a non-loopback address needs at least one [[tenants]] entry"
                 " with a token_sha256"
             )
         model_path = resolve_model(cfg.model.path or None)
@@ -122,7 +123,13 @@ def run_serve(args: argparse.Namespace) -> int:
     def load() -> LocalBackend:
         m = cfg.model
         return LocalBackend.load(
-            model_path, m.n_ctx, m.threads, cfg.server.max_concurrent, m.kv_cache_mb, m.max_batched_tokens
+            model_path,
+            m.n_ctx,
+            m.threads,
+            cfg.server.max_concurrent,
+            m.kv_cache_mb,
+            m.max_batched_tokens,
+            gpu_layers=m.gpu_layers,
         )
 
     def ready(faces: Faces) -> None:
@@ -139,6 +146,22 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+BASE_MODEL_NOTE = (
+    "note: {model} is a base model: it continues text, it does not follow instructions, so its chat"
+    " answers ramble or loop. Serve an instruction-tuned GGUF (appliance serve --model PATH.gguf), or let"
+    " the appliance learn your repeated tasks from the cloud's answers (appliance distill --help)."
+)
+
+
+def _base_models() -> set[str]:
+    from appliance.models.manifest import ManifestError, load_manifest
+
+    try:
+        return load_manifest().base_model_names()
+    except (ManifestError, OSError):
+        return set()
+
+
 def run_chat(args: argparse.Namespace) -> int:
     import grpc
 
@@ -153,6 +176,8 @@ def run_chat(args: argparse.Namespace) -> int:
     session = args.session or uuid.uuid4().hex[:12]
     print(f"session {session} on {target}; 'exit' or Ctrl-D to quit", file=sys.stderr)
     first = not args.session
+    warned = False
+    base_models = _base_models()
     with Client.connect(target, args.token) as client:
         for line in prompt_lines():
             msgs = ([("system", args.system)] if first and args.system else []) + [("user", line)]
@@ -163,6 +188,11 @@ def run_chat(args: argparse.Namespace) -> int:
                 ):
                     if chunk.done:
                         u = chunk.final.usage
+                        if not warned and chunk.final.model in base_models:
+                            warned = True
+                            print(f"\n{BASE_MODEL_NOTE.format(model=chunk.final.model)}", file=sys.stderr)
+                        if chunk.final.finish_reason == "loop":
+                            print("\n[the answer started repeating itself; the service cut it]", file=sys.stderr)
                         print(
                             f"\n[{u.prompt_tokens} prompt ({u.cached_tokens} cached), {u.completion_tokens} out,"
                             f" {u.latency_ms:.0f} ms]",

@@ -5,7 +5,9 @@ Every field has a default that serves out of the box on the embedded parts, with
     [server]
     unix_socket = "/run/appliance/appliance.sock"   # default: $APPLIANCE_HOME/appliance.sock
     tcp = "127.0.0.1:50051"                          # default: no TCP listener
-    http = "127.0.0.1:8080"                          # the OpenAI/Ollama HTTP edge; default: off
+
+    [http]
+    listen = "127.0.0.1:8080"   # the OpenAI/Ollama HTTP edge; default: off (`make serve` turns it on here)
 
     [[tenants]]
     name = "acme"
@@ -23,7 +25,7 @@ Every field has a default that serves out of the box on the embedded parts, with
 
     [route]                     # router threshold, cascade thresholds; [budget] monthly / per_request
 
-    [distill]                   # teacher capture and task names; [[tenants]] may set capture, tasks
+    [distill]                   # teacher capture and task names; [[tenants]] may set capture, tasks, model
     capture = true
     tasks = ["ticket-triage"]
 """
@@ -31,6 +33,7 @@ Every field has a default that serves out of the box on the embedded parts, with
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import re
 from pathlib import Path
@@ -40,6 +43,8 @@ import msgspec
 
 from appliance.engine.sampling import ExitMode
 from appliance.models.provision import data_home
+
+log = logging.getLogger("appliance.config")
 
 
 class ConfigError(ValueError):
@@ -62,10 +67,7 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     retry_after_ms: int = 1000  # the retry hint sent with RESOURCE_EXHAUSTED
     drain_timeout_s: float = 10.0  # graceful shutdown: in-flight requests get this long to finish
     metrics: str = ""  # "127.0.0.1:9464" serves Prometheus metrics over HTTP; empty: off
-    # "host:port" of the HTTP edge (OpenAI-compatible /v1/..., Ollama's /api/..., /health, /metrics);
-    # empty: off. On loopback it serves without tokens while no [[tenants]] exist; any other address
-    # needs [[tenants]] with tokens (as TCP does), and once tenants exist every HTTP call needs one.
-    http: str = ""
+    http: str = ""  # deprecated: the old name of [http] listen (read as it, with a warning)
 
     def __post_init__(self) -> None:
         _check(self.max_message_bytes >= 1024, "max_message_bytes", "must be >= 1024")
@@ -81,6 +83,17 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     def socket_path(self) -> Path:
         return Path(self.unix_socket).expanduser() if self.unix_socket else data_home() / "appliance.sock"
+
+
+class HttpConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # "host:port" of the HTTP edge (OpenAI-compatible /v1/..., Ollama's /api/..., /health, /metrics);
+    # empty: off. On loopback it serves without tokens while no [[tenants]] exist; any other address
+    # needs [[tenants]] with tokens (as TCP does), and once tenants exist every HTTP call needs one.
+    listen: str = ""
+
+    def __post_init__(self) -> None:
+        ok = not self.listen or _split_hostport(self.listen) is not None
+        _check(ok, "listen", f"{self.listen!r} is not host:port")
 
 
 class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -102,11 +115,19 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # prompt prefixes shared by several requests (system prompts) whose K/V is saved at shutdown and
     # loaded at start, per tenant; 0: none
     hot_prefixes: int = 8
+    # with a GPU build (`make serve GPU=cuda`) and a GPU: how many of the last layers (weights and K/V)
+    # go on the GPU, as llama.cpp's -ngl; more than the model's layers also moves the embeddings and
+    # head; -1: everything; 0: the CPU only. Without a GPU everything runs on the CPU.
+    gpu_layers: int = -1
+    # stop a local answer once it repeats itself (the same block of tokens three times, 32 tokens or
+    # more: service/loops.py), finish reason "loop"; false runs it to max_tokens as llama.cpp would
+    cut_loops: bool = True
 
     def __post_init__(self) -> None:
         _check(self.n_ctx >= 64, "n_ctx", "must be >= 64")
         _check(0 <= self.hot_prefixes <= 64, "hot_prefixes", "must be in [0, 64]")
         _check(self.threads >= 0, "threads", "must be >= 0")
+        _check(self.gpu_layers >= -1, "gpu_layers", "must be >= -1 (-1: every layer on the GPU)")
         _check(self.kv_cache_mb >= 1, "kv_cache_mb", "must be >= 1")
         _check(16 <= self.max_batched_tokens <= 8192, "max_batched_tokens", "must be in [16, 8192]")
         _check(64 <= self.context_budget <= self.n_ctx, "context_budget", "must be in [64, n_ctx]")
@@ -217,6 +238,7 @@ class TenantConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     budget: BudgetConfig | None = None  # default: [budget]
     capture: bool | None = None  # store this tenant's cloud answers as teacher examples; default: [distill].capture
     tasks: list[str] = msgspec.field(default_factory=list)  # task names this tenant may send, besides [distill].tasks
+    model: str = ""  # what a request that names no model gets: a task, a task model, the local or cloud model
 
     def __post_init__(self) -> None:
         _check(bool(re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.name)), "name", "must be 1-64 of [A-Za-z0-9_.-]")
@@ -284,11 +306,12 @@ class CacheConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # threads per query embedding; 0: one while the engine generates (two would spin-wait against it),
     # up to 4 of the CPUs the service may use while it is idle
     embed_threads: int = 0
-    # the embedding model: a manifest name or a .gguf path (any GGUF embedding model llama.cpp runs);
-    # empty: the provisioned all-MiniLM-L6-v2
+    # the embedding model: a tuned embedder's name (`appliance cache tune --out NAME`), a manifest name
+    # or a .gguf path (any GGUF embedding model llama.cpp runs); empty: the provisioned all-MiniLM-L6-v2
     embedding_model: str = ""
-    # cosine similarity a hit needs; 0: the threshold calibrated for the embedding model and shipped
-    # with the package (only all-MiniLM-L6-v2 has one: calibrate another with `appliance cache calibrate`)
+    # cosine similarity a hit needs; 0: the embedding model's own calibration (a tuned embedder carries
+    # a calibrated decision over the nearest entries) or the threshold shipped with the package (only
+    # all-MiniLM-L6-v2 has one: calibrate another with `appliance cache calibrate`)
     threshold: float = 0.0
 
     def __post_init__(self) -> None:
@@ -337,6 +360,7 @@ class DistillConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    http: HttpConfig = msgspec.field(default_factory=HttpConfig)
     model: ModelConfig = msgspec.field(default_factory=ModelConfig)
     tenants: list[TenantConfig] = msgspec.field(default_factory=list)
     pricing: PricingConfig = msgspec.field(default_factory=PricingConfig)
@@ -353,6 +377,14 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         names = [t.name for t in self.tenants]
         dup = sorted({n for n in names if names.count(n) > 1})
         _check(not dup, "tenants", f"duplicate tenant name(s) {dup}")
+        if self.server.http:  # the deprecated spelling: moved to [http] listen, once
+            _check(
+                self.http.listen in ("", self.server.http),
+                "http",
+                f"[server] http ({self.server.http!r}) is the old name of [http] listen ({self.http.listen!r})",
+            )
+            log.warning("config: [server] http is deprecated; write [http] listen = %r instead", self.server.http)
+            self.http.listen, self.server.http = self.server.http, ""
 
     def tenant(self, name: str) -> TenantConfig | None:
         return next((t for t in self.tenants if t.name == name), None)
@@ -381,6 +413,11 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         t = self.tenant(tenant)
         own = t.tasks if t is not None else []
         return list(dict.fromkeys([*self.distill.tasks, *own]))
+
+    def model_for(self, tenant: str) -> str:
+        """The model a request of `tenant` that names none asks for ("" for the usual routing)."""
+        t = self.tenant(tenant)
+        return t.model if t is not None else ""
 
     def policy_for(self, tenant: str) -> RoutePolicyName:
         t = self.tenant(tenant)

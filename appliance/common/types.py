@@ -64,6 +64,9 @@ class GenerateInput(msgspec.Struct, frozen=True, kw_only=True):
     # the model the request names: "" (the service routes), a task name (distillation), the local
     # model's or the tenant's cloud model's name; the pipeline resolves it (unknown: NOT_FOUND)
     model: str = ""
+    # an OpenAI tool request (JSON: tools, tool_choice, the caller's messages verbatim), passed through
+    # to the cloud as it is: such a request is answered by the cloud only
+    tools: str = ""
 
 
 class Request(msgspec.Struct, frozen=True, kw_only=True):
@@ -80,6 +83,8 @@ class Request(msgspec.Struct, frozen=True, kw_only=True):
     context: tuple[Passage, ...] = ()
     user: str = ""  # the calling app's end user, for the ledger
     task: str = ""  # the task the request names (its answers are captured and served under it)
+    task_model: str = ""  # a task model the request names itself: served under its adapter, as asked
+    tools: str = ""  # an OpenAI tool request passed through to the cloud (GenerateInput.tools)
 
 
 class Usage(msgspec.Struct, kw_only=True):
@@ -111,6 +116,7 @@ class Result(msgspec.Struct, kw_only=True):
     task: str = ""  # the task the request named
     # a task model's local answer: did it pass the confidence rule (None: no rule was applied)
     confident: bool | None = None
+    tool_calls: str = ""  # the cloud's calls of the request's tools, as OpenAI's JSON list
 
 
 class TokenLogprob(msgspec.Struct, frozen=True):

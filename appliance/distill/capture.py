@@ -23,6 +23,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance.common.config import Config
 from appliance.common.sqlite import open_db
 from appliance.distill.export import atomic_path
 
@@ -230,3 +231,9 @@ class TeacherStore:
 
 def open_store(directory: str | os.PathLike[str], limits: Limits | None = None) -> TeacherStore:
     return TeacherStore(Path(directory) / FILE, limits)
+
+
+def store_for(cfg: Config) -> TeacherStore:
+    """The service's teacher store, as `cfg`'s [distill] section places and bounds it."""
+    d = cfg.distill
+    return open_store(d.path(cfg.storage), Limits(d.retention_days, d.max_examples, int(d.max_mb * (1 << 20))))

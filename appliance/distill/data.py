@@ -35,6 +35,10 @@ _MAX_REPORTED = 20
 _ROLES = ("system", "user", "assistant", "developer", "tool")
 
 
+MAX_ANSWERS = 1000  # a task with more distinct answers is free text, not a choice among labels
+MIN_REPEATS = 3
+
+
 class DataError(ValueError):
     """One or more bad lines; `problems` holds one "FILE:LINE: field: what" string per bad line."""
 
@@ -163,6 +167,24 @@ def render_messages(
     template = vocab.chat_template or _FALLBACK_TEMPLATES.get(arch, "chatml")
     pairs = [(str(m["role"]), str(m["content"])) for m in messages]
     return str(vocab.apply_chat_template(template, pairs, add_assistant=add_assistant))
+
+
+def answer_text(parsed: tuple[str, Any]) -> str:
+    """The answer of a parsed line as the model writes it: the completion, or the last assistant
+    message's content."""
+    kind, value = parsed
+    if kind == "pc":
+        return str(value[1])
+    return str([m for m in value if m["role"] == "assistant"][-1]["content"])
+
+
+def known_answers(texts: Sequence[str]) -> list[str] | None:
+    """The task's answers when it is a classification: at most MAX_ANSWERS distinct non-empty
+    answers, each seen MIN_REPEATS times on average (labels, not free text). None otherwise."""
+    distinct = sorted({t for t in texts if t.strip()})
+    if not distinct or len(distinct) > MAX_ANSWERS or len(texts) < MIN_REPEATS * len(distinct):
+        return None
+    return distinct
 
 
 def to_record(vocab: _native.Vocab, arch: str, line: int, parsed: tuple[str, Any]) -> Record:

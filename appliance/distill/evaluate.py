@@ -1,33 +1,39 @@
 """Held-out evaluation of a task model, and the confidence rule the service applies to it.
 
-    figures = evaluate(engine, cases, adapter=engine.load_adapter("triage.lora.gguf"))
+    engine = AsyncEngine(base, max_seqs=8)
+    result = evaluate(engine, cases, adapter=engine.load_adapter("triage.lora.gguf"), answers=labels)
 
 Each example (the training JSONL shapes, read by `appliance.distill.data`) is answered greedily by our
-engine under the adapter, as the service would answer it. The answer is right when it equals the
-example's answer after trimming whitespace. The confidence rule: an answer is kept local when it
-ended by itself (not cut by max_tokens), is not empty, and its least likely token has a
-log-probability at or above a threshold. The threshold is calibrated on a validation split (the
-lowest that keeps the kept answers at `target` precision or better) and the figures are measured
-on the rest: `exact_match` (all), `coverage` (the share kept local), `covered_exact_match`
-(exact match on that share), `p50_ms` (per answer).
+engine under the adapter, as the service would answer it: when the task has known answers (a
+classification: the adapter records them at training time), decoding is constrained to them by a
+grammar. The answer is right when it equals the example's answer after trimming whitespace. The
+confidence rule (`appliance.distill.rule`): an answer is kept local when it ended by itself (not cut
+by max_tokens), is not empty, and its signal (by default the smallest logit margin over its tokens)
+is at or above a threshold. The threshold is calibrated on a calibration set (the lowest that keeps
+the kept answers at `target` precision or better): a given one, or a split of the cases; the figures
+are measured on the rest: `exact_match` (all), `coverage` (the share kept local),
+`covered_exact_match` (exact match on that share), `p50_ms` (per answer, answered concurrently).
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from appliance import _native
-from appliance.distill.data import Record, gguf_arch, read_jsonl, to_record, tokenize
-from appliance.engine.engine import Engine
+from appliance.distill.data import Record, answer_text, gguf_arch, read_jsonl, to_record, tokenize
+from appliance.distill.rule import DEFAULT_SIGNAL, SIGNALS, Sureness
+from appliance.engine.async_engine import AsyncEngine
+from appliance.engine.grammar import choice_grammar
 from appliance.engine.sampling import SamplingOptions
 
-NEVER = 1.0  # a threshold no answer reaches (log-probabilities are <= 0): nothing is kept local
+NEVER = 1e9  # a threshold no answer reaches (signals are <= MARGIN_CAP): nothing is kept local
 EXTRA_TOKENS = 8  # an answer may run this many tokens past the expected one's length
 
 
@@ -46,10 +52,14 @@ class Answer:
     finished: bool  # ended by itself (end of sequence or a stop), not by max_tokens
     ms: float
     right: bool
+    margin: float = 0.0  # the smallest logit margin over its tokens (rule.MARGIN_CAP for none)
 
     @property
     def keepable(self) -> bool:
         return self.finished and bool(self.text.strip())
+
+    def signal(self, name: str) -> float:
+        return Sureness(self.low, self.margin).value(name)
 
 
 def gguf_type(path: str | Path) -> str:
@@ -69,44 +79,70 @@ def load_cases(path: str | Path, model: str | Path, *, max_len: int = 512) -> li
     for line, parsed in read_jsonl(path):
         record: Record = to_record(vocab, arch, line, parsed)
         example = tokenize(vocab, record, max_tokens=max_len)
-        kind, value = parsed
-        if kind == "pc":
-            expected = str(value[1])
-        else:
-            expected = str([m for m in value if m["role"] == "assistant"][-1]["content"])
-        cases.append(Case(example.prompt, expected.strip(), len(example.answer) + EXTRA_TOKENS, line))
+        cases.append(Case(example.prompt, answer_text(parsed).strip(), len(example.answer) + EXTRA_TOKENS, line))
     return cases
 
 
-def answer(engine: Engine, case: Case, adapter: int = 0) -> Answer:
-    opts = SamplingOptions(temperature=0.0, max_tokens=case.max_tokens, logprobs=True)
-    t0 = time.perf_counter()
-    parts, low, finish = [], 0.0, ""
-    for chunk in engine.generate(list(case.prompt), opts, adapter=adapter):
-        parts.append(chunk.text)
-        if chunk.logprob is not None:
-            low = min(low, chunk.logprob)
-        finish = chunk.finish_reason or finish
+async def _answer(engine: AsyncEngine, case: Case, adapter: int, grammar: str, gate: asyncio.Semaphore) -> Answer:
+    opts = SamplingOptions(temperature=0.0, max_tokens=case.max_tokens, logprobs=True, grammar=grammar)
+    async with gate:
+        t0 = time.perf_counter()
+        parts, sure, finish = [], Sureness(), ""
+        async for chunk in engine.generate(list(case.prompt), opts, adapter=adapter):
+            parts.append(chunk.text)
+            if chunk.token is not None:
+                sure.add(chunk.logprob, chunk.margin)
+            finish = chunk.finish_reason or finish
+        ms = (time.perf_counter() - t0) * 1e3
     text = "".join(parts)
-    ms = (time.perf_counter() - t0) * 1e3
-    return Answer(text, low, finish == "stop", ms, text.strip() == case.expected)
+    return Answer(text, sure.low, finish == "stop", ms, text.strip() == case.expected, sure.margin)
 
 
-def calibrate(answers: Sequence[Answer], target: float) -> float:
+def answer_all(
+    engine: AsyncEngine,
+    cases: Sequence[Case],
+    *,
+    adapter: int = 0,
+    answers: Sequence[str] | None = None,
+    concurrency: int = 8,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Answer]:
+    """Answer every case greedily, `concurrency` at a time (the engine batches them), constrained to
+    `answers` when given; `progress(done, total)` after each."""
+    grammar = choice_grammar(answers) if answers else ""
+
+    async def run() -> list[Answer]:
+        gate = asyncio.Semaphore(max(1, concurrency))
+        done = 0
+
+        async def one(case: Case) -> Answer:
+            nonlocal done
+            a = await _answer(engine, case, adapter, grammar, gate)
+            done += 1
+            if progress is not None:
+                progress(done, len(cases))
+            return a
+
+        return list(await asyncio.gather(*(one(c) for c in cases)))
+
+    return asyncio.run(run())
+
+
+def calibrate(answers: Sequence[Answer], target: float, signal: str = DEFAULT_SIGNAL) -> float:
     """The lowest threshold whose kept answers are right at least `target` of the time (NEVER when
     none is)."""
-    candidates = sorted({a.low for a in answers if a.keepable}, reverse=True)
+    candidates = sorted({a.signal(signal) for a in answers if a.keepable}, reverse=True)
     best = NEVER
     for t in candidates:
-        kept = [a for a in answers if a.keepable and a.low >= t]
+        kept = [a for a in answers if a.keepable and a.signal(signal) >= t]
         if kept and sum(a.right for a in kept) / len(kept) >= target:
             best = t
     return best
 
 
-def figures(answers: Sequence[Answer], threshold: float) -> dict[str, Any]:
+def figures(answers: Sequence[Answer], threshold: float, signal: str = DEFAULT_SIGNAL) -> dict[str, Any]:
     n = len(answers)
-    kept = [a for a in answers if a.keepable and a.low >= threshold]
+    kept = [a for a in answers if a.keepable and a.signal(signal) >= threshold]
     return {
         "exact_match": sum(a.right for a in answers) / n if n else 0.0,
         "n": n,
@@ -116,14 +152,41 @@ def figures(answers: Sequence[Answer], threshold: float) -> dict[str, Any]:
     }
 
 
+def judge(
+    answers: Sequence[Answer],
+    calibration: Sequence[Answer],
+    *,
+    target: float = 0.97,
+    signal: str = DEFAULT_SIGNAL,
+) -> dict[str, Any]:
+    """Figures of `answers` under the threshold calibrated on `calibration` for `target` precision."""
+    if signal not in SIGNALS:
+        raise ValueError(f"unknown confidence signal {signal!r} (one of {', '.join(SIGNALS)})")
+    threshold = calibrate(calibration, target, signal)
+    out = figures(answers, threshold, signal)
+    out.update(
+        {
+            "threshold": threshold,
+            "signal": signal,
+            "target_precision": target,
+            "val_n": len(calibration),
+            "val": {k: v for k, v in figures(calibration, threshold, signal).items() if k != "p50_ms"},
+        }
+    )
+    return out
+
+
 def evaluate(
-    engine: Engine,
+    engine: AsyncEngine,
     cases: Sequence[Case],
     *,
     adapter: int = 0,
+    answers: Sequence[str] | None = None,
     target: float = 0.97,
     val_fraction: float = 0.3,
     seed: int = 0,
+    signal: str = DEFAULT_SIGNAL,
+    concurrency: int = 8,
 ) -> dict[str, Any]:
     """Answer every case; calibrate the threshold on a validation split (`val_fraction`, chosen by
     `seed`) and measure on the rest. With fewer than 2 cases both are the same set."""
@@ -131,21 +194,13 @@ def evaluate(
         raise ValueError("no examples to evaluate")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    answers = [answer(engine, c, adapter) for c in cases]
+    got = answer_all(engine, cases, adapter=adapter, answers=answers, concurrency=concurrency)
     order = list(range(len(cases)))
     random.Random(seed).shuffle(order)
     n_val = min(len(cases) - 1, max(1, round(len(cases) * val_fraction))) if len(cases) >= 2 else 0
-    val = [answers[i] for i in sorted(order[:n_val])] or answers
-    test = [answers[i] for i in sorted(order[n_val:])]
-    threshold = calibrate(val, target)
-    out = figures(test, threshold)
-    out.update(
-        {
-            "threshold": threshold,
-            "target_precision": target,
-            "val_n": len(val),
-            "val": {k: v for k, v in figures(val, threshold).items() if k != "p50_ms"},
-            "p50_ms": statistics.median(a.ms for a in answers),
-        }
-    )
+    val = [got[i] for i in sorted(order[:n_val])] or got
+    test = [got[i] for i in sorted(order[n_val:])]
+    out = judge(test, val, target=target, signal=signal)
+    out["p50_ms"] = statistics.median(a.ms for a in got)
+    out["constrained"] = bool(answers)
     return out

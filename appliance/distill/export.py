@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import re
 import sys
@@ -132,6 +133,25 @@ def _umask() -> int:
 
 
 # ---------------------------------------------------------------- the adapter GGUF
+
+
+ANSWERS_KEY = "training.answers"  # JSON list: a classification task's known answers
+
+
+def read_answers(path: str | os.PathLike[str]) -> list[str] | None:
+    """The known answers an adapter was trained to choose among (None: free text, or not recorded)."""
+    import gguf
+
+    field = gguf.GGUFReader(os.fspath(path)).fields.get(ANSWERS_KEY)
+    if field is None:
+        return None
+    try:
+        answers = json.loads(str(field.contents()))
+    except ValueError:
+        raise ValueError(f"{os.fspath(path)}: {ANSWERS_KEY} is not JSON") from None
+    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+        raise ValueError(f"{os.fspath(path)}: {ANSWERS_KEY} is not a list of strings")
+    return answers or None
 
 
 def write_adapter(adapter: LoraAdapter, path: str | os.PathLike[str], *, name: str = "") -> Path:

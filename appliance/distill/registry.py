@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.common.sqlite import open_db
+from appliance.distill.rule import SIGNALS
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS task_models (
@@ -33,6 +34,7 @@ CREATE TABLE IF NOT EXISTS task_models (
     covered_exact_match REAL NOT NULL,
     threshold REAL NOT NULL,
     n INTEGER NOT NULL DEFAULT 0,
+    signal TEXT NOT NULL DEFAULT 'logprob',
     promoted INTEGER NOT NULL DEFAULT 0,
     updated REAL NOT NULL,
     PRIMARY KEY (tenant, task, name)
@@ -51,21 +53,26 @@ class Figures:
     exact_match: float
     coverage: float  # share the confidence rule keeps local
     covered_exact_match: float  # exact match on that share
-    threshold: float  # the rule: local when the answer's least likely token has log-probability >= this
+    threshold: float  # the rule: local when the answer's `signal` (see distill.rule) is >= this
     n: int = 0
+    signal: str = "logprob"  # what the threshold applies to (registrations before margins: logprob)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Figures:
         try:
-            return cls(
+            f = cls(
                 exact_match=float(d["exact_match"]),
                 coverage=float(d["coverage"]),
                 covered_exact_match=float(d["covered_exact_match"]),
                 threshold=float(d["threshold"]),
                 n=int(d.get("n", 0)),
+                signal=str(d.get("signal", "logprob")),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"held-out figures are incomplete: {e}") from None
+        if f.signal not in SIGNALS:
+            raise ValueError(f"held-out figures: unknown confidence signal {f.signal!r} (one of {', '.join(SIGNALS)})")
+        return f
 
     def local_precise(self) -> float:
         """Share of all requests answered locally and right."""
@@ -111,6 +118,9 @@ class Registry:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._conn = open_db(self.path, SCHEMA)
+        columns = {r[1] for r in self._conn.execute("PRAGMA table_info(task_models)")}
+        if "signal" not in columns:  # a registry written before the margin rule
+            self._conn.execute("ALTER TABLE task_models ADD COLUMN signal TEXT NOT NULL DEFAULT 'logprob'")
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -126,7 +136,7 @@ class Registry:
     def _rows(self, where: str, args: tuple[object, ...]) -> list[TaskModel]:
         sql = (
             "SELECT tenant, task, name, adapter, base, exact_match, coverage, covered_exact_match, threshold, n,"
-            f" promoted, updated FROM task_models WHERE {where} ORDER BY tenant, task, name"
+            f" promoted, updated, signal FROM task_models WHERE {where} ORDER BY tenant, task, name"
         )
         with self._lock:
             rows = self._conn.execute(sql, args).fetchall()
@@ -137,7 +147,7 @@ class Registry:
                 str(r[2]),
                 str(r[3]),
                 str(r[4]),
-                Figures(float(r[5]), float(r[6]), float(r[7]), float(r[8]), int(r[9])),
+                Figures(float(r[5]), float(r[6]), float(r[7]), float(r[8]), int(r[9]), str(r[12])),
                 bool(r[10]),
                 float(r[11]),
             )
@@ -170,11 +180,11 @@ class Registry:
         with self._lock:
             self._conn.execute(
                 "INSERT INTO task_models (tenant, task, name, adapter, base, exact_match, coverage,"
-                " covered_exact_match, threshold, n, promoted, updated) VALUES (?,?,?,?,?,?,?,?,?,?,0,?)"
+                " covered_exact_match, threshold, n, signal, promoted, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,0,?)"
                 " ON CONFLICT(tenant, task, name) DO UPDATE SET adapter=excluded.adapter, base=excluded.base,"
                 " exact_match=excluded.exact_match, coverage=excluded.coverage,"
                 " covered_exact_match=excluded.covered_exact_match, threshold=excluded.threshold,"
-                " n=excluded.n, updated=excluded.updated",
+                " n=excluded.n, signal=excluded.signal, updated=excluded.updated",
                 (
                     tenant,
                     task,
@@ -186,6 +196,7 @@ class Registry:
                     figures.covered_exact_match,
                     figures.threshold,
                     figures.n,
+                    figures.signal,
                     now,
                 ),
             )

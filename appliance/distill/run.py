@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from appliance.distill.data import gguf_arch, load_examples
-from appliance.distill.export import atomic_path, from_hf, merge, write_adapter
+from appliance.distill.data import answer_text, gguf_arch, known_answers, load_examples, read_jsonl
+from appliance.distill.export import ANSWERS_KEY, atomic_path, from_hf, merge, write_adapter
 from appliance.distill.train import TrainConfig, load_model, lora_weights, train
 
 
@@ -73,6 +73,7 @@ def distill(
     cfg.validate()
     base = Path(base)
     examples = load_examples(data, base, max_tokens=cfg.max_len)  # DataError before anything is loaded
+    answers = known_answers([answer_text(p) for _, p in read_jsonl(data)])
     t0 = time.monotonic()
     print(f"distill: loading {base} with transformers", file=out, flush=True)
     model = load_model(base)
@@ -85,6 +86,8 @@ def distill(
         "training.base_sha256": _sha256(base),
         "training.seed": str(cfg.seed),
     }
+    if answers:  # a classification: the service and eval decode under these (see export.read_answers)
+        meta[ANSWERS_KEY] = json.dumps(answers, ensure_ascii=False)
     adapter = from_hf(
         gguf_arch(base),
         n_layer=int(tcfg.num_hidden_layers),
@@ -112,6 +115,8 @@ def distill(
         "base": str(base),
         "base_sha256": meta["training.base_sha256"],
         "data": os.fspath(data),
+        "data_sha256": _sha256(Path(data)),
+        "answers": len(answers) if answers else 0,
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
     }
     with atomic_path(outputs.report) as tmp:

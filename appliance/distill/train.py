@@ -84,6 +84,7 @@ class TrainResult:
     train_examples: int
     val_examples: int
     seconds: float  # training only (loading and validation excluded)
+    cpu_seconds: float  # CPU time of the process over those steps, all threads (a busy machine stretches `seconds`)
     tokens_per_s: float  # training tokens (prompt + answer) per second of training
     train_tokens: int
     val_loss_before: float | None
@@ -385,6 +386,7 @@ def train(
         step = 0
         trained_tokens = 0
         train_seconds = 0.0
+        cpu_seconds = 0.0
         last_report = clock()
         loss_ema: float | None = None
         peft_model.train()
@@ -392,7 +394,7 @@ def train(
         epoch = 0
         for epoch in range(cfg.epochs):
             for i, batch_examples in enumerate(epoch_batches(train_set, cfg.batch_size, rng), start=1):
-                t0 = clock()
+                t0, c0 = clock(), time.process_time()
                 for g in opt.param_groups:
                     g["lr"] = cfg.lr * lr_factor(step, total_steps, warmup_steps, cfg.schedule)
                 batch = make_batch(batch_examples)
@@ -403,6 +405,7 @@ def train(
                 step += 1
                 trained_tokens += batch.n_tokens
                 train_seconds += clock() - t0
+                cpu_seconds += time.process_time() - c0
                 value = float(loss.detach())
                 loss_ema = value if loss_ema is None else 0.9 * loss_ema + 0.1 * value
                 now = clock()
@@ -452,6 +455,7 @@ def train(
         train_examples=len(train_set),
         val_examples=len(val_set),
         seconds=round(train_seconds, 3),
+        cpu_seconds=round(cpu_seconds, 3),
         tokens_per_s=round(trained_tokens / train_seconds, 1) if train_seconds > 0 else 0.0,
         train_tokens=trained_tokens,
         val_loss_before=val_before,

@@ -70,6 +70,7 @@ class AsyncEngine:
         max_seqs: int = 16,
         n_threads: int | None = None,
         use_gpu: bool = True,
+        gpu_layers: int = -1,
         early_exit: bool = True,
         draft_max: int = 8,
     ) -> None:
@@ -84,6 +85,7 @@ class AsyncEngine:
             max_seqs=max_seqs,
             n_threads=n_threads,
             use_gpu=use_gpu,
+            gpu_layers=gpu_layers,
             early_exit=early_exit,
             draft_max=draft_max,
         )

@@ -49,6 +49,9 @@ class Chunk:
     decode: DecodeStats | None = None
     logprob: float | None = None  # SamplingOptions.logprobs: the token's log-probability at temperature 1
     entropy: float | None = None  # ... and the entropy (nats) of the distribution it came from
+    # ... and its logit's lead over the best other token it could have been (those the grammar allows,
+    # when the request has one): how clearly it won; inf when it was the only choice
+    margin: float | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,7 @@ class Event:
     exit_layers: tuple[int, ...] = ()
     logprobs: tuple[float, ...] = ()  # per token, when the request asked (SamplingOptions.logprobs)
     entropies: tuple[float, ...] = ()
+    margins: tuple[float, ...] = ()
 
     @classmethod
     def of(cls, ev: _native.Event) -> Event:
@@ -79,6 +83,7 @@ class Event:
             tuple(ev.exit_layers),
             tuple(ev.logprobs),
             tuple(ev.entropies),
+            tuple(ev.margins),
         )
 
 
@@ -108,17 +113,17 @@ class Decoder:
         finished = bool(ev.finish_reason)
         for i, tok in enumerate(ev.tokens):
             text = self._stream.push(self._vocab.token_to_piece(tok))
-            lp, ent = (ev.logprobs[i], ev.entropies[i]) if ev.logprobs else (None, None)
+            lp, ent, mg = (ev.logprobs[i], ev.entropies[i], ev.margins[i]) if ev.logprobs else (None, None, None)
             if self._stream.stopped:
                 self.done = True
-                yield Chunk(tok, text, "stop", ev.n_prompt, ev.n_cached, self._stats(), lp, ent)
+                yield Chunk(tok, text, "stop", ev.n_prompt, ev.n_cached, self._stats(), lp, ent, mg)
                 return
             if finished and i == len(ev.tokens) - 1:
                 self.done = True
                 text += self._stream.finish()
-                yield Chunk(tok, text, ev.finish_reason, ev.n_prompt, ev.n_cached, self._stats(), lp, ent)
+                yield Chunk(tok, text, ev.finish_reason, ev.n_prompt, ev.n_cached, self._stats(), lp, ent, mg)
             else:
-                yield Chunk(tok, text, logprob=lp, entropy=ent)
+                yield Chunk(tok, text, logprob=lp, entropy=ent, margin=mg)
         if finished and not ev.tokens:
             self.done = True
             yield Chunk(None, self._stream.finish(), ev.finish_reason, ev.n_prompt, ev.n_cached, self._stats())

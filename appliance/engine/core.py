@@ -74,14 +74,18 @@ class EngineCore:
         max_seqs: int = 16,
         n_threads: int | None = None,
         use_gpu: bool = True,
+        gpu_layers: int = -1,
         early_exit: bool = True,
         draft_max: int = 8,
     ) -> None:
+        """gpu_layers: with a GPU, how many of the last layers live there (llama.cpp's -ngl; -1: all)."""
         n_threads = default_threads() if n_threads is None else n_threads
         if n_threads <= 0:
             raise ValueError(f"n_threads must be positive, got {n_threads}")
+        if gpu_layers < -1:
+            raise ValueError(f"gpu_layers must be >= -1 (-1: all), got {gpu_layers}")
         path = os.fspath(model_path)
-        self.model = _native.Model(path, use_gpu=use_gpu)
+        self.model = _native.Model(path, use_gpu=use_gpu, gpu_layers=gpu_layers)
         self.vocab = _native.Vocab(path)
         if self.vocab.n_tokens != self.model.n_vocab:
             raise ModelFormatError(

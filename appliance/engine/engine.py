@@ -30,6 +30,7 @@ class Engine:
         n_threads: int | None = None,
         n_ubatch: int = 512,
         use_gpu: bool = True,
+        gpu_layers: int = -1,
         early_exit: bool = True,
     ) -> None:
         """n_ctx: the longest sequence (prompt and output); n_ubatch: most prompt tokens a pass runs;
@@ -47,6 +48,7 @@ class Engine:
             max_seqs=1,
             n_threads=n_threads,
             use_gpu=use_gpu,
+            gpu_layers=gpu_layers,
             early_exit=early_exit,
         )
         self.model = self.core.model

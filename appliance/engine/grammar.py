@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from appliance.engine.sampling import MAX_GRAMMAR
@@ -64,3 +64,35 @@ def _convert(schema: str, order: tuple[str, ...]) -> str:
     if len(gbnf) > MAX_GRAMMAR:
         raise ValueError(f"the JSON Schema's grammar is {len(gbnf)} characters, more than {MAX_GRAMMAR}")
     return gbnf
+
+
+def choice_grammar(answers: Sequence[str]) -> str:
+    """GBNF whose sentences are exactly the given answers (a task's known labels, each as the model
+    writes it, leading space included): decoding under it can only produce one of them, then end.
+    Raises ValueError when there is no non-empty answer."""
+    choices = sorted({a for a in answers if a})
+    if not choices:
+        raise ValueError("no answers to choose from")
+    gbnf = "root ::= " + " | ".join(_literal(a) for a in choices) + "\n"
+    if len(gbnf) > MAX_GRAMMAR:
+        raise ValueError(f"the answers' grammar is {len(gbnf)} characters, more than {MAX_GRAMMAR}")
+    return gbnf
+
+
+def _literal(text: str) -> str:
+    """A GBNF string literal for `text` (quotes, backslashes and control characters escaped)."""
+    out = []
+    for ch in text:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\r":
+            out.append("\\r")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\x{ord(ch):02X}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'

@@ -9,13 +9,17 @@ last chunk (`cached_tokens`), from the tenant-salted prefix cache.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from pathlib import Path
 
 from appliance.engine.async_engine import AsyncEngine
 from appliance.engine.chunk import Chunk
+from appliance.engine.placement import placement
 from appliance.engine.sampling import ExitMode, SamplingOptions
+
+log = logging.getLogger("appliance.engine")
 
 
 class LocalBackend:
@@ -33,6 +37,7 @@ class LocalBackend:
         max_seqs: int = 16,
         kv_cache_mb: int = 256,
         max_batched_tokens: int = 512,
+        gpu_layers: int = -1,
     ) -> LocalBackend:
         engine = AsyncEngine(
             model_path,
@@ -40,7 +45,9 @@ class LocalBackend:
             max_seqs=max_seqs,
             kv_cache_mb=kv_cache_mb,
             max_batched_tokens=max_batched_tokens,
+            gpu_layers=gpu_layers,
         )
+        log.info("%s on %s", model_path.name, placement(engine.model))
         return cls(engine, model_path.stem, n_ctx)
 
     @property

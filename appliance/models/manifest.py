@@ -81,6 +81,7 @@ class ModelSpec(_Strict, frozen=True):
     source: Source
     default: bool = False
     license: str = ""
+    instruct: bool = True  # false: a base model, which continues text rather than following instructions
 
 
 class Manifest(_Strict, frozen=True):
@@ -93,6 +94,13 @@ class Manifest(_Strict, frozen=True):
                 return model
         known = ", ".join(m.name for m in self.models)
         raise UnknownModelError(f"unknown model {name!r}; the manifest lists: {known}")
+
+    def base_model_names(self) -> set[str]:
+        """How the service names the base (not instruction-tuned) generation models: manifest name and
+        file stem."""
+        return {
+            n for m in self.models if m.role == "generation" and not m.instruct for n in (m.name, Path(m.file).stem)
+        }
 
     def defaults(self) -> tuple[ModelSpec, ...]:
         return tuple(m for m in self.models if m.default)

@@ -14,23 +14,23 @@ from typing import Any
 from appliance.cache import CacheConfig as SemanticCacheConfig
 from appliance.cache import CacheError, GgufEmbedder, SemanticCache
 from appliance.cache.embedder import MemoEmbedder
+from appliance.cache.names import resolve_embedder
 from appliance.cache.stage import PassThroughCache, SemanticCacheStage
 from appliance.cloud.pool import CloudPool
 from appliance.common.config import Config, hostport
 from appliance.common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from appliance.common.history import HistoryStore
 from appliance.common.ledger import Ledger
-from appliance.distill.capture import Limits, TeacherStore, open_store
+from appliance.distill.capture import TeacherStore, store_for
 from appliance.engine.core import default_threads
 from appliance.engine.local_backend import LocalBackend
 from appliance.models.manifest import UnknownModelError
-from appliance.models.modelref import resolve_model
 from appliance.route.budget import Budget
 from appliance.route.router import Router, load_model
 from appliance.route.stage import Routing
 from appliance.service.admission import Admission
 from appliance.service.auth import Authenticator
-from appliance.service.metrics import Metrics
+from appliance.service.metrics import Metrics, early_exit_gauges
 from appliance.service.pipeline import Pipeline
 from appliance.service.prefixes import HotPrefixes, load_hot, save_hot
 from appliance.service.tasks import TaskModels
@@ -131,7 +131,7 @@ class Service:
             return PassThroughCache()
         embedder: GgufEmbedder | None = None
         try:
-            path = resolve_model(c.embedding_model or None, role="embedding")
+            path = resolve_embedder(c.embedding_model or None)  # a tuned embedder's name, a manifest name, a path
             if c.embed_threads:
                 embedder = GgufEmbedder(path, n_threads=c.embed_threads)
             else:
@@ -148,10 +148,8 @@ class Service:
 
     def _open_distill(self, backend: LocalBackend) -> tuple[TeacherStore, TaskModels]:
         """The teacher examples (expired ones dropped) and the task models, promoted adapters loaded."""
-        d = self.cfg.distill
-        directory = d.path(self.cfg.storage)
-        limits = Limits(d.retention_days, d.max_examples, int(d.max_mb * (1 << 20)))
-        teacher = open_store(directory, limits)
+        directory = self.cfg.distill.path(self.cfg.storage)
+        teacher = store_for(self.cfg)
         dropped = teacher.expire()
         if dropped:
             log.info("dropped %d teacher example(s) past the retention or size budget", dropped)
@@ -269,6 +267,7 @@ class Service:
             gauges["appliance_kv_window_blocks_free"] = engine["n_free_blocks_swa"]
             gauges["appliance_prefix_cache_hits_total"] = engine["prefix_hits"]
             gauges["appliance_engine_preemptions_total"] = engine["n_preemptions"]
+            gauges.update(early_exit_gauges(engine))
             if self.tasks is not None:
                 gauges["appliance_task_models_loaded"] = len(self.tasks.loaded())
             cache = self.pipeline.cache

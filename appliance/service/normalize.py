@@ -128,6 +128,10 @@ def normalize(
                 "sampling.grammar", "grammar-constrained output is made by the local model; route_policy is cloud_only"
             )
         route_policy = "local_only"
+    if msg.tools:  # tool calling is the cloud's: the request passes through to it, never cached
+        if route_policy == "local_only":
+            raise InvalidArgument("tools", "tool calling is answered by the cloud; this request must stay local")
+        route_policy, cache_policy = "cloud_only", "skip"
     max_cost = msg.max_cost
     if max_cost is not None and not (math.isfinite(max_cost) and max_cost >= 0):
         raise InvalidArgument("max_cost", "must be a finite number >= 0")
@@ -147,6 +151,7 @@ def normalize(
         max_cost=max_cost,
         context=tuple(passages),
         user=user,
+        tools=msg.tools,
     )
 
 

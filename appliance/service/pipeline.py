@@ -29,6 +29,7 @@ from appliance.route.cascade import CHECK_EVERY, assess
 from appliance.route.stage import Routed, Routing
 from appliance.service.admission import Admission, Lane
 from appliance.service.context import Built, ContextBuilder, with_passages
+from appliance.service.loops import LoopCheck
 from appliance.service.normalize import normalize, request_hash
 from appliance.service.prefixes import HotPrefixes
 from appliance.service.served import Served
@@ -115,7 +116,11 @@ class Pipeline:
             serving: Serving | None = None
             if req.task and self.tasks is not None:
                 serving = self.tasks.serving(req.tenant, req.task)
-            routed = await (self._task_route(req, serving) if req.task else self.routing.decide(req))
+            if req.task_model:
+                serving = await self._named_model(req)
+                routed = Routed(route="local", reason="task_model_named", policy="local_only")
+            else:
+                routed = await (self._task_route(req, serving) if req.task else self.routing.decide(req))
             cloud = self.routing.cloud(req.tenant)
             # a cloud answer waits in the cloud lane, holding none of the local engine's slots; a route
             # that changes later (an overflow, a budget, a cascade escalating, a cloud failing) moves
@@ -126,6 +131,8 @@ class Pipeline:
                 tokens = self._tokenize(req, built)
                 routed = await self.routing.within_budget(req, self._overflow(routed, tokens, cloud), len(tokens))
                 self._check_fits(req, routed, tokens)
+                if req.tools and routed.route != "cloud":
+                    raise FailedPrecondition(f"tools: the cloud answers them but cannot take this ({routed.reason})")
                 out = Served(routed, self.backend.name, len(tokens), streamed=streamed, slot=slot)
                 try:
                     if routed.route == "cloud" and cloud is not None:
@@ -141,7 +148,8 @@ class Pipeline:
                         elif self.routing.cascades(routed, cloud):
                             stream = self._cascade(req, built, tokens, cloud, out, t0)
                         else:
-                            stream = self._local(req, tokens, out, t0, adapter=adapter)
+                            grammar = serving.grammar if serving is not None else ""
+                            stream = self._local(req, tokens, out, t0, adapter=adapter, grammar=grammar)
                         async for delta in stream:
                             yield delta
                 except Exception:
@@ -178,26 +186,37 @@ class Pipeline:
     # ------------------------------------------------------------------ backends
 
     async def _local(
-        self, req: Request, tokens: list[int], out: Served, t0: float, *, scored: bool = False, adapter: int = 0
+        self,
+        req: Request,
+        tokens: list[int],
+        out: Served,
+        t0: float,
+        *,
+        scored: bool = False,
+        adapter: int = 0,
+        grammar: str = "",
     ) -> AsyncGenerator[Delta, None]:
         """The local model's answer, streamed into `out` (which says "cancelled" until it finishes).
-        `scored`: the engine scores each token for the cascade (out.scores, out.low); `adapter`: under
-        a task model's LoRA adapter (0: the base model)."""
+        `scored`: the engine scores each token for the cascade (out.scores, out.sure); `adapter`: under
+        a task model's LoRA adapter (0: the base model); `grammar`: the task's known answers, which
+        decoding keeps to unless the request brings its own grammar (JSON output)."""
         out.finish = "cancelled"
         if out.slot is not None:
             await out.slot.move("local")
         if self.prefixes is not None:
             self.prefixes.note(req.tenant, tokens)
         options = msgspec.structs.replace(req.sampling, logprobs=True) if scored else req.sampling
+        if grammar and not options.grammar:
+            options = msgspec.structs.replace(options, grammar=grammar)
         pending: list[TokenLogprob] = []  # the caller asked for log-probabilities: those of the tokens so far
         generation = self.backend.generate(tokens, options, tenant=req.tenant, adapter=adapter)
+        loop = LoopCheck() if self.model.cut_loops else None
         async with contextlib.aclosing(generation) as chunks:
             async for chunk in chunks:
                 if chunk.token is not None:
                     out.usage.completion_tokens += 1
                     out.scores.add(chunk.logprob, chunk.entropy)
-                    if chunk.logprob is not None:
-                        out.low = min(out.low, chunk.logprob)
+                    out.sure.add(chunk.logprob, chunk.margin)
                     if out.usage.completion_tokens == 1:
                         out.usage.first_token_ms = (time.perf_counter() - t0) * 1e3
                     if req.sampling.logprobs and chunk.logprob is not None:
@@ -213,6 +232,10 @@ class Pipeline:
                     out.usage.early_exit_tokens = chunk.decode.early_tokens(self.backend.n_layer)
                     out.usage.layers_per_token = round(chunk.decode.mean_layers, 3)
                     out.usage.draft_acceptance = round(chunk.decode.acceptance, 3)
+                if loop is not None and chunk.token is not None and not chunk.finish_reason and loop.add(chunk.token):
+                    out.finish = "loop"  # cut: closing the stream cancels the generation
+                    log.info("request %s: the local answer loops (period %d tokens); cut", req.request_id, loop.period)
+                    break
 
     async def _cloud(
         self, req: Request, built: Built, cloud: CloudBackend, out: Served, t0: float
@@ -225,7 +248,7 @@ class Pipeline:
         messages = built.messages or [{"role": "user", "content": with_passages(req.prompt, built.passages)}]
         sent = False
         try:
-            async for item in cloud.stream(messages, req.sampling):
+            async for item in cloud.stream(messages, req.sampling, req.tools):
                 if isinstance(item, Reply):
                     out.take_cloud(item, self.backend.count_tokens, self.pricing)
                     continue
@@ -245,6 +268,8 @@ class Pipeline:
         async for delta in self._cloud(req, built, cloud, out, t0):
             yield delta
         if out.route != "cloud":
+            if req.tools:
+                raise Unavailable("the cloud could not answer a request with tools (the local model calls none)")
             if len(tokens) >= self.backend.n_ctx:
                 raise Unavailable(
                     f"the cloud could not answer and {len(tokens)} tokens do not fit the local model's context"
@@ -304,23 +329,24 @@ class Pipeline:
         serving: Serving,
     ) -> AsyncGenerator[Delta, None]:
         """A promoted task model's answer, held back until the confidence rule has judged it: sent
-        when every token's log-probability is at least the model's calibrated threshold and the
-        answer ended by itself (not empty, not cut by max_tokens); otherwise the cloud answers
+        when its confidence signal (distill.rule: the smallest logit margin over its tokens, or for older
+        models the least likely token's log-probability) is at least the model's calibrated threshold
+        and the answer ended by itself (not empty, not cut by max_tokens); otherwise the cloud answers
         instead (route_reason task_unsure) and that answer is captured for the task's next round.
         The rule's minimum can only fall as the answer grows, so the local generation is cancelled
         at the first token below the threshold. Without a cloud to ask (none, circuit open, over
         budget), the answer is sent anyway, degraded, and not counted as a saving."""
-        threshold = serving.model.figures.threshold
+        threshold, signal = serving.model.figures.threshold, serving.model.figures.signal
         why = self.routing.unavailable(cloud) or await self.routing.refusal(req, len(tokens))
         held: list[Delta] = []
         async with contextlib.aclosing(
-            self._local(req, tokens, out, t0, scored=True, adapter=serving.adapter)
+            self._local(req, tokens, out, t0, scored=True, adapter=serving.adapter, grammar=serving.grammar)
         ) as local:
             async for delta in local:
                 held.append(delta)
-                if out.low < threshold and not why:
+                if out.sure.value(signal) < threshold and not why:
                     break  # unsure already: stop spending on it
-        out.confident = out.finish == "stop" and bool(out.text.strip()) and out.low >= threshold
+        out.confident = out.finish == "stop" and bool(out.text.strip()) and out.sure.value(signal) >= threshold
         if out.confident or why or cloud is None:
             if not out.confident:
                 Routing.downgrade(out.routed, why or "no_cloud")
@@ -329,11 +355,12 @@ class Pipeline:
             return
         out.routed.reason = "task_unsure"
         log.info(
-            "task %s/%s: %s unsure (least likely token %.3f < %.3f); the cloud answers",
+            "task %s/%s: %s unsure (%s %.3f < %.3f); the cloud answers",
             req.tenant,
             req.task,
             serving.model.name,
-            out.low,
+            signal,
+            out.sure.value(signal),
             threshold,
         )
         async for delta in self._escalate(req, built, tokens, cloud, out, t0, held, serving.adapter):
@@ -385,14 +412,20 @@ class Pipeline:
     # ------------------------------------------------------------------ stage helpers
 
     def _resolve_model(self, name: str, req: Request) -> Request:
-        """The request's `model`: "" or "appliance" route as usual; a task name sets `task`; the local
-        model's name means local only and the tenant's cloud model's cloud only (unless the request
-        chose a route policy itself). Anything else is NOT_FOUND, listing the names that exist."""
+        """The request's `model` (none: the tenant's configured default): "" or "appliance" route as
+        usual; a task name sets `task`; a registered task model's own name sets `task_model` (served
+        under that adapter, locally); the local model's name means local only and the tenant's cloud
+        model's cloud only (unless the request chose a route policy itself). Anything else is NOT_FOUND,
+        listing the names that exist."""
+        name = name or self.routing.cfg.model_for(req.tenant)
         if not name or name == AUTO_MODEL:
             return req
         tasks = self.tasks.names(req.tenant) if self.tasks is not None else self.routing.cfg.tasks_for(req.tenant)
         if name in tasks:
             return msgspec.structs.replace(req, task=name)
+        named = self.tasks.model_names(req.tenant) if self.tasks is not None else []
+        if name in named:  # a task model by its own name: that adapter, locally, as asked
+            return msgspec.structs.replace(req, task_model=name)
         cloud = self.routing.cfg.cloud_for(req.tenant)
         implied = {self.backend.name: "local_only"}
         if cloud.configured:
@@ -402,8 +435,15 @@ class Pipeline:
                 return req
             policy = "local_only" if implied[name] == "local_only" else "cloud_only"
             return msgspec.structs.replace(req, route_policy=policy)
-        known = [AUTO_MODEL, *implied, *tasks]
+        known = [AUTO_MODEL, *implied, *tasks, *named]
         raise NotFound(f"model: '{name}' does not exist; this tenant may name: {', '.join(known)}")
+
+    async def _named_model(self, req: Request) -> Serving:
+        assert self.tasks is not None
+        try:
+            return await self.tasks.named(req.tenant, req.task_model)
+        except LookupError as e:
+            raise NotFound(f"model: {e}") from None
 
     async def _task_route(self, req: Request, serving: Serving | None) -> Routed:
         """Where a task request goes: to its promoted task model (checked by the confidence rule), or,
@@ -470,6 +510,7 @@ class Pipeline:
             route_reason=out.routed.reason,
             task=req.task,
             confident=out.confident if out.route == "local" else None,
+            tool_calls=out.tool_calls,
         )
 
     @staticmethod

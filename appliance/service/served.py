@@ -8,6 +8,7 @@ from collections.abc import Callable
 from appliance.cloud.types import CloudUsage, Reply
 from appliance.common.config import PricingConfig
 from appliance.common.types import RouteTaken, Usage
+from appliance.distill.rule import Sureness
 from appliance.route.cascade import TokenScores
 from appliance.route.stage import Routed
 from appliance.service.admission import Held
@@ -29,8 +30,9 @@ class Served:
         self.cloud_cost = 0.0
         self.local_cost = 0.0  # a local answer the cascade replaced
         self.scores = TokenScores()  # the local answer's token scores, when the cascade asked for them
-        self.low = 0.0  # ... and the least likely token's log-probability (a task model's confidence rule)
+        self.sure = Sureness()  # ... and their running minimums (a task model's confidence rule)
         self.confident: bool | None = None  # a task model's answer: did it pass the rule
+        self.tool_calls = ""  # the cloud's calls of the request's tools (JSON)
 
     @property
     def text(self) -> str:
@@ -44,6 +46,7 @@ class Served:
             u = CloudUsage(input_tokens=self.prompt_tokens, output_tokens=count_tokens(reply.text))
         self.route, self.model, self.finish = "cloud", reply.model, reply.finish_reason
         self.parts = [reply.text]
+        self.tool_calls = reply.tool_calls
         self.usage = Usage(
             prompt_tokens=u.prompt_tokens,
             cached_tokens=u.cache_read_tokens,

@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.common.config import Config
+from appliance.distill.export import read_answers
 from appliance.distill.registry import Registry, TaskModel, open_registry
 from appliance.engine.async_engine import AsyncEngine
+from appliance.engine.grammar import choice_grammar
 
 log = logging.getLogger("appliance.service.tasks")
 
@@ -29,6 +31,7 @@ class Serving:
 
     model: TaskModel
     adapter: int  # the engine's adapter id
+    grammar: str = ""  # a classification's known answers (the adapter records them): decoding keeps to them
 
 
 class TaskModels:
@@ -39,6 +42,7 @@ class TaskModels:
         self._serving: dict[tuple[str, str], Serving] = {}
         self._ids: dict[str, int] = {}  # adapter path -> engine id
         self._registered: dict[str, list[str]] = {}  # tenant -> tasks with a registered model
+        self._models: dict[str, dict[str, TaskModel]] = {}  # tenant -> model name -> its registration
         self._version: tuple[int, float] | None = None
         self._checked = 0.0
         self._lock = asyncio.Lock()
@@ -55,6 +59,28 @@ class TaskModels:
     def serving(self, tenant: str, task: str) -> Serving | None:
         return self._serving.get((tenant, task))
 
+    def model_names(self, tenant: str) -> list[str]:
+        """The task models registered for `tenant`, which a request may name itself."""
+        return list(self._models.get(tenant, {}))
+
+    async def named(self, tenant: str, name: str) -> Serving:
+        """A registered task model asked for by its own name (promoted or not), its adapter loaded on
+        first use. Raises LookupError when `tenant` has no such model or its adapter does not load."""
+        m = self._models.get(tenant, {}).get(name)
+        if m is None:
+            raise LookupError(f"no task model '{name}' for tenant '{tenant}'")
+        aid = self._ids.get(m.adapter)
+        if aid is None:
+            if self.engine is None:
+                raise LookupError("no local engine to serve a task model")
+            try:
+                aid = await asyncio.to_thread(self.engine.load_adapter, m.adapter)
+            except (OSError, ValueError, RuntimeError) as e:
+                raise LookupError(f"task model '{name}' does not load: {e}") from None
+            self._ids.setdefault(m.adapter, aid)
+            log.info("task model %s loaded on request (adapter %s)", name, m.adapter)
+        return Serving(m, self._ids[m.adapter], _answers_grammar(m.adapter))
+
     def loaded(self) -> list[Serving]:
         return list(self._serving.values())
 
@@ -65,8 +91,11 @@ class TaskModels:
         self._version = self.registry.version()
         self._checked = time.monotonic()
         registered: dict[str, list[str]] = {}
+        models: dict[str, dict[str, TaskModel]] = {}
         for m in self.registry.models():
             registered.setdefault(m.tenant, []).append(m.task)
+            models.setdefault(m.tenant, {})[m.name] = m
+        self._models = models
         self._registered = {t: list(dict.fromkeys(tasks)) for t, tasks in registered.items()}
         want = {(m.tenant, m.task): m for m in self.registry.promoted()}
         serving: dict[tuple[str, str], Serving] = {}
@@ -80,7 +109,7 @@ class TaskModels:
                     continue
                 self._ids[m.adapter] = aid
             if aid is not None:
-                serving[key] = Serving(m, aid)
+                serving[key] = Serving(m, aid, _answers_grammar(m.adapter))
                 before = self._serving.get(key)
                 if before is None or before.model.name != m.name:
                     log.info("task model %s serves %s/%s (adapter %s)", m.name, key[0], key[1], m.adapter)
@@ -102,3 +131,15 @@ class TaskModels:
             version = await asyncio.to_thread(self.registry.version)
             if version != self._version:
                 await asyncio.to_thread(self.load)
+
+
+def _answers_grammar(adapter: str) -> str:
+    """The grammar of the answers a task adapter was trained to choose among ("" for free text)."""
+    try:
+        answers = read_answers(adapter)
+    except (OSError, ValueError) as e:
+        log.warning(
+            "task adapter %s: its known answers are unreadable, so its answers are not constrained: %s", adapter, e
+        )
+        return ""
+    return choice_grammar(answers) if answers else ""

@@ -246,7 +246,10 @@ int32_t BatchEngine::sample(Sequence & s, const float * row) {
 }
 
 TokenScore BatchEngine::score(const Sequence & s, const float * row, uint32_t n, int32_t idx) {
-    return s.logprobs && idx >= 0 ? score_token(row, static_cast<int32_t>(n), idx) : TokenScore{};
+    if (!s.logprobs || idx < 0) return TokenScore{};
+    TokenScore sc = score_token(row, static_cast<int32_t>(n), idx);
+    if (s.grammar) sc.margin = row[idx] - s.grammar->runner_up(row, static_cast<int32_t>(n), idx);  // before accept()
+    return sc;
 }
 
 bool BatchEngine::emit(Sequence & s, int32_t tok, std::vector<Event> & events, TokenScore sc) {
@@ -262,6 +265,7 @@ bool BatchEngine::emit(Sequence & s, int32_t tok, std::vector<Event> & events, T
             if (s.logprobs) {
                 it->logprobs.push_back(sc.logprob);
                 it->entropies.push_back(sc.entropy);
+                it->margins.push_back(sc.margin);
             }
             break;
         }
@@ -285,16 +289,18 @@ std::vector<Event> BatchEngine::step() {
     }
     const ExitMode mode = exit_mode_for(plan);
     const uint32_t n    = static_cast<uint32_t>(plan.size());
-    if (mode == ExitMode::Lossless && (params_.always_draft || spec_.use_spec(n))) {
-        step_lossless(plan, events);
-        return events;
+    if (mode == ExitMode::Lossless) {
+        const std::vector<uint32_t> ks = draft_lengths(plan);
+        SpecPolicy::Choice          ch = spec_.choose(ks);
+        if (params_.always_draft || ch.spec) {
+            step_lossless(plan, events, params_.always_draft ? *std::max_element(ks.begin(), ks.end()) : ch.cap);
+            return events;
+        }
     }
     if (mode == ExitMode::Adaptive) {  // asked for explicitly, at the request's own threshold
         step_adaptive(plan, events);
         return events;
     }
-    const uint64_t t0 = now_us();
-
     // run: every scheduled token, logits for each sequence whose last token is in this pass
     batch_.clear();
     for (size_t k = 0; k < plan.size(); ++k) {
@@ -309,12 +315,13 @@ std::vector<Event> BatchEngine::step() {
     if (no_outputs) {
         batch_.out_ids.push_back(static_cast<int32_t>(batch_.size()) - 1);  // a pass must output something
     }
+    const uint64_t t_pass = now_us();
     runner_.run(batch_, logits_);
+    const uint64_t pass_us = now_us() - t_pass;
     ++n_steps_;
 
     // postprocess: advance, cache full blocks, sample, finish
-    size_t   out_row  = 0;
-    uint32_t n_tokens = 0;
+    size_t out_row = 0;
     for (const Scheduled & sc : plan) {
         Sequence & s = *sc.seq;
         s.n_computed += sc.n_tokens;
@@ -327,11 +334,11 @@ std::vector<Event> BatchEngine::step() {
         events.push_back(Event{s.id, {}, "", s.n_prompt, s.n_prompt_cached});
         events.back().layers_run = model_.hp.n_layer;  // for the new token (a prompt's layers are not counted)
         events.back().exit_layers.push_back(static_cast<uint16_t>(model_.hp.n_layer));
-        ++n_tokens;
+        if (mode == ExitMode::Lossless) observe_acceptance(row, tok);
         emit(s, tok, events, score(s, row, model_.hp.n_vocab, tok));
     }
-    if (mode == ExitMode::Lossless) {  // a plain step where drafting was possible: its cost per token
-        spec_.record(false, n, now_us() - t0, n_tokens);
+    if (mode == ExitMode::Lossless) {  // a plain step where drafting was possible: the policy's plain pass time
+        spec_.record_pass(SpecPolicy::Pass::Plain, n, pass_us);
         ++plain_decode_steps_;
     }
     return events;
@@ -366,6 +373,14 @@ BatchEngine::Stats BatchEngine::stats() const {
     s.drafted              = drafted_;
     s.accepted             = accepted_;
     s.adaptive_tokens      = adaptive_tokens_;
+    s.spec_acceptance      = spec_.acceptance();
+    s.spec_draft_us        = spec_.table(SpecPolicy::Pass::Draft);
+    s.spec_verify_us       = spec_.table(SpecPolicy::Pass::Verify);
+    s.spec_plain_us        = spec_.table(SpecPolicy::Pass::Plain);
+    const auto & choices   = spec_.last_choices();
+    for (uint32_t i = 1; i < choices.size(); ++i) {
+        if (choices[i].why[0] != '\0') s.spec_choices.emplace_back(i, choices[i]);
+    }
     s.exits_per_layer      = exits_per_layer_;
     s.n_adapters           = static_cast<uint32_t>(adapters_.size());
     s.adapter_bytes        = runner_.lora().bytes();

@@ -85,10 +85,11 @@ struct Event {
     uint32_t             n_drafted  = 0;       // lossless: positions drafted
     uint32_t             n_accepted = 0;       // lossless: drafted tokens the full model agreed with
     std::vector<uint16_t> exit_layers;         // per new token: the layer count it was decided at
-    // Request::logprobs: per new token, its log-probability and the entropy (nats) of the distribution
+    // Request::logprobs: per new token, its log-probability, the entropy (nats) of the distribution
     // it was drawn from (the full head's, or the shortlist's for a token that exited early)
     std::vector<float>    logprobs;
     std::vector<float>    entropies;
+    std::vector<float>    margins;  // its logit's lead over the best other token it could have been
 };
 
 class BatchEngine {
@@ -131,6 +132,11 @@ public:
         size_t   kv_bytes_per_token;      // what every cached position costs (the layers without a window)
         size_t   kv_bytes_per_token_swa;  // per position of the windowed layers' pool (only windows are kept)
         uint64_t spec_steps, plain_decode_steps, drafted, accepted, adaptive_tokens;
+        // lossless: the drafting policy's measurements and its last decision per number of sequences
+        // (spec_policy.h): the draft's acceptance rate, pass times (microseconds) by rows
+        double                                   spec_acceptance;
+        std::vector<std::pair<uint32_t, double>> spec_draft_us, spec_verify_us, spec_plain_us;
+        std::vector<std::pair<uint32_t, SpecPolicy::Choice>> spec_choices;
         std::vector<uint64_t> exits_per_layer;  // adaptive: tokens decided after each layer count [0, n_layer]
         uint32_t n_adapters;     // LoRA adapters loaded (deferred unloads included)
         size_t   adapter_bytes;  // device memory their stacks take (lora_bank.h)
@@ -183,7 +189,11 @@ private:
     static TokenScore score(const Sequence & s, const float * row, uint32_t n, int32_t idx);
     // early exit (early_exit.cpp)
     ExitMode        exit_mode_for(const std::vector<Scheduled> & plan) const;
-    void            step_lossless(const std::vector<Scheduled> & plan, std::vector<Event> & events);
+    // each sequence's draft length this step (its own, within the hidden store, its budget and the cache)
+    std::vector<uint32_t> draft_lengths(const std::vector<Scheduled> & plan) const;
+    void            step_lossless(const std::vector<Scheduled> & plan, std::vector<Event> & events, uint32_t cap);
+    // a plain lossless step's rows: would the draft (E = n_layer: the shortlist's best) have agreed?
+    void            observe_acceptance(const float * row, int32_t tok);
     void            step_adaptive(const std::vector<Scheduled> & plan, std::vector<Event> & events);
     int32_t         sample_shortlist(Sequence & s, const float * row, TokenScore * sc = nullptr);
     void            check_exit_params() const;

@@ -134,18 +134,38 @@ PYBIND11_MODULE(_native, m) {
             devs.append(py::make_tuple(ggml_backend_dev_name(dev), ggml_backend_dev_description(dev)));
         }
         d["devices"] = devs;
+        py::list backends, gpus;
+        for (size_t i = 0; i < ggml_backend_reg_count(); ++i) {
+            backends.append(std::string(ggml_backend_reg_name(ggml_backend_reg_get(i))));
+        }
+        for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
+            ggml_backend_dev_t dev = ggml_backend_dev_get(i);
+            if (ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_GPU) continue;
+            size_t mem_free = 0, mem_total = 0;
+            ggml_backend_dev_memory(dev, &mem_free, &mem_total);
+            py::dict g;
+            g["name"]        = std::string(ggml_backend_dev_name(dev));
+            g["description"] = std::string(ggml_backend_dev_description(dev));
+            g["memory_total"] = mem_total;
+            g["memory_free"]  = mem_free;
+            gpus.append(g);
+        }
+        d["backends"] = backends;  // ggml's backend registries ("CPU", "CUDA", ...)
+        d["gpus"]     = gpus;      // GPU devices: name, description, memory_total/free (bytes)
         return d;
-    }, "CPU features ggml was built for and the devices it sees.");
+    }, "CPU features ggml was built for, its backends and the devices it sees.");
 
     py::class_<Model>(m, "Model", "A GGUF model loaded for the native engine (weights memory-mapped).")
-        .def(py::init([](const std::string & path, bool use_gpu, bool use_repack) {
+        .def(py::init([](const std::string & path, bool use_gpu, bool use_repack, int gpu_layers) {
                  ModelParams p;
                  p.use_gpu    = use_gpu;
                  p.use_repack = use_repack;
+                 p.gpu_layers = gpu_layers;
                  py::gil_scoped_release release;
                  return Model::load(path, p);
              }),
-             py::arg("path"), py::kw_only(), py::arg("use_gpu") = true, py::arg("use_repack") = true)
+             py::arg("path"), py::kw_only(), py::arg("use_gpu") = true, py::arg("use_repack") = true,
+             py::arg("gpu_layers") = -1)
         .def_property_readonly("path", [](const Model & mm) { return mm.file->path(); })
         .def_property_readonly("arch", [](const Model & mm) { return mm.hp.arch; })
         .def_property_readonly("n_vocab", [](const Model & mm) { return mm.hp.n_vocab; })
@@ -162,7 +182,10 @@ PYBIND11_MODULE(_native, m) {
             return v;
         })
         .def_property_readonly("weight_bytes", [](const Model & mm) { return mm.weight_bytes; })
-        .def_property_readonly("device", [](const Model & mm) { return std::string(ggml_backend_dev_name(mm.device)); });
+        .def_property_readonly("device", [](const Model & mm) { return std::string(ggml_backend_dev_name(mm.device)); })
+        .def_property_readonly("gpu_layers", &Model::n_gpu_layers, "Layers whose weights and K/V are on the GPU.")
+        .def_property_readonly("output_on_device", [](const Model & mm) { return mm.output_on_device; },
+                               "Whether the embeddings, output norm and head are on `device`.");
 
     py::class_<Context>(m, "Context", "One token sequence and its KV cache, run on a model.")
         .def(py::init([](const Model & model, uint32_t n_ctx, uint32_t n_ubatch, int n_threads) {
@@ -251,7 +274,10 @@ PYBIND11_MODULE(_native, m) {
         .def_readonly("logprobs", &Event::logprobs,
                       "per new token when the request asked: its log-probability at temperature 1 (else empty)")
         .def_readonly("entropies", &Event::entropies,
-                      "per new token when the request asked: the entropy in nats of the distribution it came from");
+                      "per new token when the request asked: the entropy in nats of the distribution it came from")
+        .def_readonly("margins", &Event::margins,
+                      "per new token when the request asked: its logit minus the best other logit it could have "
+                      "been (only tokens the grammar allows, when there is one); inf when it was the only choice");
 
     // registered before BatchEngine, whose constructor takes one
     py::class_<Vocab> vocab_class(m, "Vocab", "Tokenizer and chat templates of a GGUF model, through libllama.");
@@ -401,6 +427,26 @@ PYBIND11_MODULE(_native, m) {
                  d["drafted"]              = s.drafted;
                  d["accepted"]             = s.accepted;
                  d["adaptive_tokens"]      = s.adaptive_tokens;
+                 d["spec_acceptance"]      = s.spec_acceptance;
+                 auto pass_table = [](const std::vector<std::pair<uint32_t, double>> & t) {
+                     py::dict out;
+                     for (const auto & [rows, us] : t) out[py::int_(rows)] = us;
+                     return out;
+                 };
+                 d["spec_draft_us"]  = pass_table(s.spec_draft_us);
+                 d["spec_verify_us"] = pass_table(s.spec_verify_us);
+                 d["spec_plain_us"]  = pass_table(s.spec_plain_us);
+                 py::dict choices;
+                 for (const auto & [n, c] : s.spec_choices) {
+                     py::dict x;
+                     x["drafting"]           = c.spec;
+                     x["cap"]                = c.cap;
+                     x["spec_us_per_token"]  = c.spec_us_per_token;
+                     x["plain_us_per_token"] = c.plain_us_per_token;
+                     x["why"]                = std::string(c.why);
+                     choices[py::int_(n)]    = x;
+                 }
+                 d["spec_choices"] = choices;
                  d["exits_per_layer"]      = s.exits_per_layer;
                  d["n_adapters"]           = s.n_adapters;
                  d["adapter_bytes"]        = s.adapter_bytes;

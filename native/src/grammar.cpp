@@ -153,6 +153,38 @@ int32_t Grammar::mask(float * logits, int32_t n, const int32_t * ids) {
     return allowed;
 }
 
+float Grammar::runner_up(const float * logits, int32_t n, int32_t chosen) {
+    APPL_REQUIRE(n > 0 && chosen >= 0 && chosen < n, InvalidArgument, "row size or token out of range");
+    // The best m tokens by logit, best first, checked in growing slices (16, 64, 256): the first
+    // allowed one is the answer, since every token after it has a logit no larger. The grammar
+    // checks each candidate's text against its stacks, so few candidates are far cheaper than many.
+    const int32_t m = std::min<int32_t>(n, 256);
+    auto by_logit = [&](int32_t a, int32_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); };
+    order_.resize(static_cast<size_t>(n));
+    for (int32_t i = 0; i < n; ++i) order_[i] = i;
+    if (m < n) std::nth_element(order_.begin(), order_.begin() + m, order_.end(), by_logit);
+    std::sort(order_.begin(), order_.begin() + m, by_logit);
+    std::vector<llama_token_data> cands;
+    for (int32_t lo = 0, hi = std::min(m, 16); lo < m; lo = hi, hi = std::min(m, hi * 4)) {
+        cands.clear();
+        for (int32_t j = lo; j < hi; ++j) {
+            const int32_t i = order_[j];
+            if (i != chosen && i < n_tokens_ && logits[i] != -INFINITY) cands.push_back(llama_token_data{i, logits[i], 0.0f});
+        }
+        if (cands.empty()) continue;
+        llama_token_data_array a{cands.data(), cands.size(), -1, false};
+        llama_sampler_apply(smpl_, &a);
+        for (const llama_token_data & c : cands) {  // still best first
+            if (c.logit != -INFINITY) return logits[c.id];
+        }
+    }
+    if (m == n) return -INFINITY;
+    row_.assign(logits, logits + n);  // none of the best m: look at every token (rare)
+    row_[chosen] = -INFINITY;
+    for (int32_t j = 0; j < m; ++j) row_[order_[j]] = -INFINITY;
+    return mask(row_.data(), n) > 0 ? *std::max_element(row_.begin(), row_.end()) : -INFINITY;
+}
+
 void Grammar::accept(int32_t token) {
     // libllama aborts on an end-of-generation token the grammar does not allow, and throws for other
     // tokens it cannot take: check first

@@ -31,6 +31,9 @@ public:
     // logit of token ids[i] (a shortlisted head's row). Entries already -inf are not looked at.
     // Returns how many stay allowed.
     int32_t mask(float * logits, int32_t n, const int32_t * ids = nullptr);
+    // The largest logit of a token the grammar allows next, other than `chosen` (-inf when none is):
+    // the runner-up a constrained draw beat. Looks at the best few hundred tokens first.
+    float   runner_up(const float * logits, int32_t n, int32_t chosen);
     // Advances past `token`, which must be allowed. Throws RuntimeFailure otherwise.
     void    accept(int32_t token);
 

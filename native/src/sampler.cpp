@@ -95,7 +95,15 @@ SoftmaxStats softmax_stats(const float * logits, int32_t n) {
 TokenScore score_token(const float * logits, int32_t n, int32_t idx) {
     assert(n > 0 && idx >= 0 && idx < n);
     const SoftmaxStats st = softmax_stats(logits, n);
-    return TokenScore{st.logprob(logits[idx]), st.entropy};
+    return TokenScore{st.logprob(logits[idx]), st.entropy, logits[idx] - runner_up(logits, n, idx)};
+}
+
+float runner_up(const float * logits, int32_t n, int32_t idx) {
+    assert(n > 0 && idx >= 0 && idx < n);
+    float best = -INFINITY;
+    for (int32_t i = 0; i < idx; ++i) best = std::max(best, logits[i]);
+    for (int32_t i = idx + 1; i < n; ++i) best = std::max(best, logits[i]);
+    return best;
 }
 
 Sampler::Sampler(const SamplingParams & p, int32_t n_vocab) : params_(p), n_vocab_(n_vocab), rng_(p.seed) {

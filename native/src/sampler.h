@@ -50,10 +50,15 @@ int32_t argmax(const float * logits, int32_t n);
 // How sure the model was of a token: under softmax(logits[0..n)) at temperature 1, before any
 // penalty or truncation, the token's log-probability and the distribution's entropy (nats).
 // The cascade's confidence check reads these; they cost one pass over the row.
+// `margin` is how clearly it won: its logit minus the best logit of any other token the request could
+// have taken instead (those its grammar allows, when it has one); +inf when it was the only choice.
 struct TokenScore {
     float logprob = NAN;
     float entropy = NAN;
+    float margin  = NAN;
 };
+// the largest of logits[0..n) other than logits[idx] (-inf when n == 1); precondition: 0 <= idx < n
+float runner_up(const float * logits, int32_t n, int32_t idx);
 // precondition: 0 <= idx < n
 TokenScore score_token(const float * logits, int32_t n, int32_t idx);
 

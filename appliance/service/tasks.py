@@ -41,6 +41,7 @@ class TaskModels:
         self.registry: Registry = open_registry(directory)
         self._serving: dict[tuple[str, str], Serving] = {}
         self._ids: dict[str, int] = {}  # adapter path -> engine id
+        self._grammars: dict[str, str] = {}  # adapter path -> its answers' grammar, read once
         self._registered: dict[str, list[str]] = {}  # tenant -> tasks with a registered model
         self._models: dict[str, dict[str, TaskModel]] = {}  # tenant -> model name -> its registration
         self._version: tuple[int, float] | None = None
@@ -77,9 +78,16 @@ class TaskModels:
                 aid = await asyncio.to_thread(self.engine.load_adapter, m.adapter)
             except (OSError, ValueError, RuntimeError) as e:
                 raise LookupError(f"task model '{name}' does not load: {e}") from None
-            self._ids.setdefault(m.adapter, aid)
-            log.info("task model %s loaded on request (adapter %s)", name, m.adapter)
-        return Serving(m, self._ids[m.adapter], _answers_grammar(m.adapter))
+            if self._ids.setdefault(m.adapter, aid) != aid:  # another request loaded it meanwhile
+                self.engine.unload_adapter(aid)
+            else:
+                log.info("task model %s loaded on request (adapter %s)", name, m.adapter)
+        return Serving(m, self._ids[m.adapter], self._grammar(m.adapter))
+
+    def _grammar(self, adapter: str) -> str:
+        if adapter not in self._grammars:
+            self._grammars[adapter] = _answers_grammar(adapter)
+        return self._grammars[adapter]
 
     def loaded(self) -> list[Serving]:
         return list(self._serving.values())
@@ -109,13 +117,14 @@ class TaskModels:
                     continue
                 self._ids[m.adapter] = aid
             if aid is not None:
-                serving[key] = Serving(m, aid, _answers_grammar(m.adapter))
+                serving[key] = Serving(m, aid, self._grammar(m.adapter))
                 before = self._serving.get(key)
                 if before is None or before.model.name != m.name:
                     log.info("task model %s serves %s/%s (adapter %s)", m.name, key[0], key[1], m.adapter)
         used = {s.model.adapter for s in serving.values()}
         for path in [p for p in self._ids if p not in used]:
             aid = self._ids.pop(path)
+            self._grammars.pop(path, None)
             if self.engine is not None:
                 self.engine.unload_adapter(aid)  # freed once its running requests finish
             log.info("adapter %s unloaded", path)

@@ -18,7 +18,7 @@ from appliance.common.errors import InvalidArgument
 from appliance.common.types import GenerateInput, SamplingInput
 from appliance.engine.core import eog_tokens
 from appliance.engine.engine import Engine
-from appliance.engine.grammar import choice_grammar, json_grammar
+from appliance.engine.grammar import answer_choices, json_grammar
 from appliance.engine.sampling import SamplingOptions
 from appliance.service.normalize import normalize
 
@@ -157,22 +157,76 @@ def test_a_tiny_grammar_is_followed_exactly(tiny: Tiny) -> None:
         assert head in ("yes", "no") and digits.isdigit() and 1 <= len(digits) <= 2
 
 
-ANSWERS = [" yes", " no", ' say "hi"\n', " maybe so", " back\\slash"]
+ANSWERS = [" yes", " no", ' say "hi"\n', " maybe so", " back\\slash", " yes indeed"]
 
 
-def test_a_choice_grammar_answers_one_of_its_answers_with_margins(tiny: Tiny) -> None:
-    """A task's known answers as a grammar: greedy decoding gives exactly one of them; each token's
-    margin is its lead over the best other token the grammar allowed (>= 0 for greedy; one answer
-    can still be spelled with different tokens, so even then a token has rivals)."""
-    grammar = choice_grammar(ANSWERS)
+def _choices(t: Tiny, answers: list[str]) -> tuple[tuple[int, ...], ...]:
+    return answer_choices(lambda a: t.vocab.tokenize(a, add_special=False, parse_special=True), answers)
+
+
+def test_choices_give_one_answer_exactly_as_greedy_over_the_allowed_tokens(tiny_model: Callable[..., Path]) -> None:
+    """A task's known answers as choices, against llama.cpp's logits: each step takes the best token
+    that continues some answer (or ends one, where a longer answer goes on), its margin is its lead over
+    the best other such token (inf where it was the only one), and the output is one answer's own
+    tokens, ended without another step."""
+    path = tiny_model("qwen3", "F32")
+    t = Tiny(path)
+    llm = ref_load(path)
+    choices = _choices(t, ANSWERS)
+    eog = set(eog_tokens(t.vocab))
     for p in PROMPTS:
-        tokens, margins = tiny.scored(p, temperature=0.0, grammar=grammar, max_tokens=40)
-        assert tiny.text(tokens).strip() in [a.strip() for a in ANSWERS] and len(margins) == len(tokens)
-        assert all(m >= 0 for m in margins)
-    tokens, margins = tiny.scored(PROMPTS[0], temperature=0.0, grammar=choice_grammar([" maybe so"]))
-    assert tiny.text(tokens).strip() == "maybe so" and all(m >= 0 for m in margins)
+        prompt = list(t.vocab.tokenize(p))
+        tokens, margins = t.scored(p, temperature=0.0, choices=choices, max_tokens=40)
+        assert tuple(tokens) in choices or (tokens[-1] in eog and tuple(tokens[:-1]) in choices)
+        assert len(margins) == len(tokens)
+        for k, tok in enumerate(tokens):  # the same walk over the trie, on the reference's logits
+            row = ref_logits(llm, prompt + tokens[:k])[-1]
+            allowed = {c[k] for c in choices if len(c) > k and c[:k] == tuple(tokens[:k])}
+            if tuple(tokens[:k]) in choices:
+                allowed |= eog
+            assert tok in allowed and max(allowed, key=lambda a: row[a]) == tok
+            rivals = [float(row[a]) for a in allowed if a != tok]
+            want = float(row[tok]) - max(rivals) if rivals else float("inf")
+            assert margins[k] == pytest.approx(want, abs=2e-3)
+
+
+def test_sampled_and_batched_choices_keep_to_the_answers(tiny: Tiny) -> None:
+    choices = _choices(tiny, ANSWERS)
+    eog = set(eog_tokens(tiny.vocab))
+    requests = [
+        {"prompt": p, "temperature": 1.5, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": s}
+        for s, p in enumerate(PROMPTS)
+    ]
+    requests += [
+        {"prompt": p, "temperature": 0.0, "max_tokens": 16, "stop_at_eog": False} for p in PROMPTS[:2]
+    ]  # plain
+    out = tiny.run([{**r, "choices": choices} if "seed" in r else r for r in requests])
+    for tokens, finish in out[: len(PROMPTS)]:
+        assert finish == "stop"
+        assert tuple(tokens) in choices or (tokens[-1] in eog and tuple(tokens[:-1]) in choices)
+    assert [len(tokens) for tokens, _ in out[len(PROMPTS) :]] == [16, 16]
+    one = _choices(tiny, [" maybe so"])
+    tokens, margins = tiny.scored(PROMPTS[0], temperature=0.0, choices=one)
+    assert tuple(tokens) == one[0] and all(m == float("inf") for m in margins)
+
+
+def test_bad_choices_are_refused_naming_the_problem(tiny: Tiny) -> None:
+    n = tiny.vocab.n_tokens
+    for choices, problem in [
+        ([[1, 2], []], "answer 1 has no tokens"),
+        ([[1, n + 5]], f"token {n + 5}, outside the vocabulary"),
+        ([[1, -1]], "outside the vocabulary"),
+    ]:
+        with pytest.raises(ValueError, match=problem):
+            tiny.engine.submit([1, 2, 3], choices=choices)
+    with pytest.raises(ValueError, match="grammar or choices, not both"):
+        tiny.engine.submit([1, 2, 3], choices=[[1]], grammar=json_grammar(None))
+    assert tiny.engine.idle and tiny.engine.stats()["n_waiting"] == 0
     with pytest.raises(ValueError, match="no answers"):
-        choice_grammar(["", ""])
+        _choices(tiny, ["", ""])
+    for bad in [SamplingOptions(choices=((),)), SamplingOptions(choices=((1,),), grammar="root ::= x")]:
+        with pytest.raises(ValueError, match="choices"):
+            bad.validate()
 
 
 def test_margin_without_a_grammar_is_the_lead_over_the_runner_up(tiny_model: Callable[..., Path]) -> None:

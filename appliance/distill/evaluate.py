@@ -5,14 +5,15 @@
 
 Each example (the training JSONL shapes, read by `appliance.distill.data`) is answered greedily by our
 engine under the adapter, as the service would answer it: when the task has known answers (a
-classification: the adapter records them at training time), decoding is constrained to them by a
-grammar. The answer is right when it equals the example's answer after trimming whitespace. The
-confidence rule (`appliance.distill.rule`): an answer is kept local when it ended by itself (not cut
-by max_tokens), is not empty, and its signal (by default the smallest logit margin over its tokens)
-is at or above a threshold. The threshold is calibrated on a calibration set (the lowest that keeps
-the kept answers at `target` precision or better): a given one, or a split of the cases; the figures
-are measured on the rest: `exact_match` (all), `coverage` (the share kept local),
-`covered_exact_match` (exact match on that share), `p50_ms` (per answer, answered concurrently).
+classification: the adapter records them at training time), decoding is constrained to them (each
+answer's own tokens, `SamplingOptions.choices`). The answer is right when it equals the example's
+answer after trimming whitespace. The confidence rule (`appliance.distill.rule`): an answer is kept
+local when it ended by itself (not cut by max_tokens), is not empty, and its signal (by default the
+smallest logit margin over its tokens) is at or above a threshold. The threshold is calibrated on a
+calibration set (the lowest that keeps the kept answers at `target` precision or better): a given
+one, or a split of the cases; the figures are measured on the rest: `exact_match` (all), `coverage`
+(the share kept local), `covered_exact_match` (exact match on that share), `p50_ms` (per answer,
+answered concurrently).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from appliance import _native
 from appliance.distill.data import Record, answer_text, gguf_arch, read_jsonl, to_record, tokenize
 from appliance.distill.rule import DEFAULT_SIGNAL, SIGNALS, Sureness
 from appliance.engine.async_engine import AsyncEngine
-from appliance.engine.grammar import choice_grammar
+from appliance.engine.grammar import answer_choices
 from appliance.engine.sampling import SamplingOptions
 
 NEVER = 1e9  # a threshold no answer reaches (signals are <= MARGIN_CAP): nothing is kept local
@@ -83,8 +84,10 @@ def load_cases(path: str | Path, model: str | Path, *, max_len: int = 512) -> li
     return cases
 
 
-async def _answer(engine: AsyncEngine, case: Case, adapter: int, grammar: str, gate: asyncio.Semaphore) -> Answer:
-    opts = SamplingOptions(temperature=0.0, max_tokens=case.max_tokens, logprobs=True, grammar=grammar)
+async def _answer(
+    engine: AsyncEngine, case: Case, adapter: int, choices: tuple[tuple[int, ...], ...], gate: asyncio.Semaphore
+) -> Answer:
+    opts = SamplingOptions(temperature=0.0, max_tokens=case.max_tokens, logprobs=True, choices=choices)
     async with gate:
         t0 = time.perf_counter()
         parts, sure, finish = [], Sureness(), ""
@@ -109,7 +112,9 @@ def answer_all(
 ) -> list[Answer]:
     """Answer every case greedily, `concurrency` at a time (the engine batches them), constrained to
     `answers` when given; `progress(done, total)` after each."""
-    grammar = choice_grammar(answers) if answers else ""
+    choices: tuple[tuple[int, ...], ...] = ()
+    if answers:
+        choices = answer_choices(lambda t: engine.tokenize(t, add_special=False, parse_special=True), answers)
 
     async def run() -> list[Answer]:
         gate = asyncio.Semaphore(max(1, concurrency))
@@ -117,7 +122,7 @@ def answer_all(
 
         async def one(case: Case) -> Answer:
             nonlocal done
-            a = await _answer(engine, case, adapter, grammar, gate)
+            a = await _answer(engine, case, adapter, choices, gate)
             done += 1
             if progress is not None:
                 progress(done, len(cases))

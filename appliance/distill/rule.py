@@ -2,7 +2,7 @@
 
 Two signals, both read from the engine's per-token scores (SamplingOptions.logprobs):
 - "margin" (the default): the smallest lead, over the answer's tokens, of the chosen token's logit
-  over the best other token it could have been (the grammar's allowed ones when the task decodes
+  over the best other token it could have been (the allowed answers' when the task decodes
   under its known answers). A token that was the only choice does not lower it. It separates "sure
   of this answer" from "torn between two answers", which a token's probability alone does not when
   the rest of the mass is spread over tokens that were never in the running.

@@ -171,6 +171,7 @@ class EngineCore:
                 logprobs=o.logprobs,
                 adapter=adapter,
                 grammar=o.grammar,
+                choices=o.choices,
             )
         )
 

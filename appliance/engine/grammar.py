@@ -6,6 +6,9 @@ The JSON Schema converter is llama-cpp-python's (`llama_cpp.llama_grammar`, a pi
 strings admit any character but `"` and `\\`; JSON forbids raw control characters in strings, so
 the grammar made here leaves them out (as llama.cpp's own converter does), and what a grammar allows
 always parses with `json.loads`.
+
+A task's known answers are no grammar: `answer_choices` gives them as token sequences
+(`SamplingOptions.choices`), which the engine follows as a trie of exactly those tokenizations.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from appliance.engine.sampling import MAX_GRAMMAR
@@ -66,33 +69,13 @@ def _convert(schema: str, order: tuple[str, ...]) -> str:
     return gbnf
 
 
-def choice_grammar(answers: Sequence[str]) -> str:
-    """GBNF whose sentences are exactly the given answers (a task's known labels, each as the model
-    writes it, leading space included): decoding under it can only produce one of them, then end.
-    Raises ValueError when there is no non-empty answer."""
-    choices = sorted({a for a in answers if a})
-    if not choices:
+def answer_choices(tokenize: Callable[[str], Sequence[int]], answers: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+    """A task's known answers (its labels, each as the model writes it, leading space included) as
+    SamplingOptions.choices: each tokenized by `tokenize` as an answer is after its prompt (no
+    specials added, e.g. `lambda t: engine.tokenize(t, add_special=False, parse_special=True)`, as
+    `distill train` tokenized them). Raises ValueError when there is no non-empty answer."""
+    texts = sorted({a for a in answers if a})
+    if not texts:
         raise ValueError("no answers to choose from")
-    gbnf = "root ::= " + " | ".join(_literal(a) for a in choices) + "\n"
-    if len(gbnf) > MAX_GRAMMAR:
-        raise ValueError(f"the answers' grammar is {len(gbnf)} characters, more than {MAX_GRAMMAR}")
-    return gbnf
-
-
-def _literal(text: str) -> str:
-    """A GBNF string literal for `text` (quotes, backslashes and control characters escaped)."""
-    out = []
-    for ch in text:
-        if ch in '"\\':
-            out.append("\\" + ch)
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\r":
-            out.append("\\r")
-        elif ch == "\t":
-            out.append("\\t")
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\x{ord(ch):02X}")
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
+    choices = tuple(tuple(int(t) for t in tokenize(a)) for a in texts)
+    return tuple(c for c in choices if c)

@@ -8,6 +8,7 @@ import msgspec
 
 ExitMode = Literal["off", "lossless", "adaptive"]
 MAX_GRAMMAR = 1 << 20  # characters of GBNF a request may carry
+MAX_CHOICE_TOKENS = 1 << 20  # tokens of all choices together (the native engine's limit)
 
 
 class SamplingOptions(msgspec.Struct, frozen=True, kw_only=True):
@@ -34,6 +35,10 @@ class SamplingOptions(msgspec.Struct, frozen=True, kw_only=True):
     # Lossless early exit gives the full-depth output under it; adaptive exits weigh only the tokens
     # it allows.
     grammar: str = ""
+    # or: the output is exactly one of these token sequences (a task's known answers, each tokenized
+    # as the model writes it after the prompt: engine.grammar.answer_choices), then ends. Only each
+    # answer's own tokenization is allowed, so a token's margin compares answers; () for none.
+    choices: tuple[tuple[int, ...], ...] = ()
 
     def validate(self) -> None:
         """Raise ValueError naming the first field that is out of range."""
@@ -51,6 +56,9 @@ class SamplingOptions(msgspec.Struct, frozen=True, kw_only=True):
             ("exit_threshold", self.exit_threshold <= 1.0, "must be <= 1 (or < 0 for the calibrated thresholds)"),
             ("grammar", isinstance(self.grammar, str) and "\0" not in self.grammar, "must be GBNF text without NUL"),
             ("grammar", len(self.grammar) <= MAX_GRAMMAR, f"must be at most {MAX_GRAMMAR} characters"),
+            ("choices", all(c and all(t >= 0 for t in c) for c in self.choices), "entries must be non-empty token ids"),
+            ("choices", sum(map(len, self.choices)) <= MAX_CHOICE_TOKENS, f"must total <= {MAX_CHOICE_TOKENS} tokens"),
+            ("choices", not (self.choices and self.grammar), "cannot be combined with a grammar"),
         ]
         for name, ok, why in checks:
             if not ok:

@@ -148,8 +148,8 @@ class Pipeline:
                         elif self.routing.cascades(routed, cloud):
                             stream = self._cascade(req, built, tokens, cloud, out, t0)
                         else:
-                            grammar = serving.grammar if serving is not None else ""
-                            stream = self._local(req, tokens, out, t0, adapter=adapter, grammar=grammar)
+                            choices = serving.choices if serving is not None else ()
+                            stream = self._local(req, tokens, out, t0, adapter=adapter, choices=choices)
                         async for delta in stream:
                             yield delta
                 except Exception:
@@ -194,11 +194,11 @@ class Pipeline:
         *,
         scored: bool = False,
         adapter: int = 0,
-        grammar: str = "",
+        choices: tuple[tuple[int, ...], ...] = (),
     ) -> AsyncGenerator[Delta, None]:
         """The local model's answer, streamed into `out` (which says "cancelled" until it finishes).
         `scored`: the engine scores each token for the cascade (out.scores, out.sure); `adapter`: under
-        a task model's LoRA adapter (0: the base model); `grammar`: the task's known answers, which
+        a task model's LoRA adapter (0: the base model); `choices`: the task's known answers, which
         decoding keeps to unless the request brings its own grammar (JSON output)."""
         out.finish = "cancelled"
         if out.slot is not None:
@@ -206,8 +206,8 @@ class Pipeline:
         if self.prefixes is not None:
             self.prefixes.note(req.tenant, tokens)
         options = msgspec.structs.replace(req.sampling, logprobs=True) if scored else req.sampling
-        if grammar and not options.grammar:
-            options = msgspec.structs.replace(options, grammar=grammar)
+        if choices and not options.grammar:
+            options = msgspec.structs.replace(options, choices=choices)
         pending: list[TokenLogprob] = []  # the caller asked for log-probabilities: those of the tokens so far
         generation = self.backend.generate(tokens, options, tenant=req.tenant, adapter=adapter)
         loop = LoopCheck() if self.model.cut_loops else None
@@ -340,7 +340,7 @@ class Pipeline:
         why = self.routing.unavailable(cloud) or await self.routing.refusal(req, len(tokens))
         held: list[Delta] = []
         async with contextlib.aclosing(
-            self._local(req, tokens, out, t0, scored=True, adapter=serving.adapter, grammar=serving.grammar)
+            self._local(req, tokens, out, t0, scored=True, adapter=serving.adapter, choices=serving.choices)
         ) as local:
             async for delta in local:
                 held.append(delta)

@@ -20,7 +20,7 @@ from appliance.common.config import Config
 from appliance.distill.export import read_answers
 from appliance.distill.registry import Registry, TaskModel, open_registry
 from appliance.engine.async_engine import AsyncEngine
-from appliance.engine.grammar import choice_grammar
+from appliance.engine.grammar import answer_choices
 
 log = logging.getLogger("appliance.service.tasks")
 
@@ -31,7 +31,8 @@ class Serving:
 
     model: TaskModel
     adapter: int  # the engine's adapter id
-    grammar: str = ""  # a classification's known answers (the adapter records them): decoding keeps to them
+    # a classification's known answers (the adapter records them) as token sequences: decoding keeps to them
+    choices: tuple[tuple[int, ...], ...] = ()
 
 
 class TaskModels:
@@ -41,7 +42,7 @@ class TaskModels:
         self.registry: Registry = open_registry(directory)
         self._serving: dict[tuple[str, str], Serving] = {}
         self._ids: dict[str, int] = {}  # adapter path -> engine id
-        self._grammars: dict[str, str] = {}  # adapter path -> its answers' grammar, read once
+        self._choices: dict[str, tuple[tuple[int, ...], ...]] = {}  # adapter path -> its answers, read once
         self._registered: dict[str, list[str]] = {}  # tenant -> tasks with a registered model
         self._models: dict[str, dict[str, TaskModel]] = {}  # tenant -> model name -> its registration
         self._version: tuple[int, float] | None = None
@@ -82,12 +83,28 @@ class TaskModels:
                 self.engine.unload_adapter(aid)
             else:
                 log.info("task model %s loaded on request (adapter %s)", name, m.adapter)
-        return Serving(m, self._ids[m.adapter], self._grammar(m.adapter))
+        return Serving(m, self._ids[m.adapter], self._answers(m.adapter))
 
-    def _grammar(self, adapter: str) -> str:
-        if adapter not in self._grammars:
-            self._grammars[adapter] = _answers_grammar(adapter)
-        return self._grammars[adapter]
+    def _answers(self, adapter: str) -> tuple[tuple[int, ...], ...]:
+        if adapter not in self._choices:
+            self._choices[adapter] = self._read_answers(adapter)
+        return self._choices[adapter]
+
+    def _read_answers(self, adapter: str) -> tuple[tuple[int, ...], ...]:
+        """The answers a task adapter was trained to choose among, tokenized (() for free text)."""
+        engine = self.engine
+        if engine is None:
+            return ()
+        try:
+            answers = read_answers(adapter)
+        except (OSError, ValueError) as e:
+            log.warning(
+                "task adapter %s: its known answers are unreadable, so its answers are not constrained: %s", adapter, e
+            )
+            return ()
+        if not answers:
+            return ()
+        return answer_choices(lambda t: engine.tokenize(t, add_special=False, parse_special=True), answers)
 
     def loaded(self) -> list[Serving]:
         return list(self._serving.values())
@@ -117,14 +134,14 @@ class TaskModels:
                     continue
                 self._ids[m.adapter] = aid
             if aid is not None:
-                serving[key] = Serving(m, aid, self._grammar(m.adapter))
+                serving[key] = Serving(m, aid, self._answers(m.adapter))
                 before = self._serving.get(key)
                 if before is None or before.model.name != m.name:
                     log.info("task model %s serves %s/%s (adapter %s)", m.name, key[0], key[1], m.adapter)
         used = {s.model.adapter for s in serving.values()}
         for path in [p for p in self._ids if p not in used]:
             aid = self._ids.pop(path)
-            self._grammars.pop(path, None)
+            self._choices.pop(path, None)
             if self.engine is not None:
                 self.engine.unload_adapter(aid)  # freed once its running requests finish
             log.info("adapter %s unloaded", path)
@@ -140,15 +157,3 @@ class TaskModels:
             version = await asyncio.to_thread(self.registry.version)
             if version != self._version:
                 await asyncio.to_thread(self.load)
-
-
-def _answers_grammar(adapter: str) -> str:
-    """The grammar of the answers a task adapter was trained to choose among ("" for free text)."""
-    try:
-        answers = read_answers(adapter)
-    except (OSError, ValueError) as e:
-        log.warning(
-            "task adapter %s: its known answers are unreadable, so its answers are not constrained: %s", adapter, e
-        )
-        return ""
-    return choice_grammar(answers) if answers else ""

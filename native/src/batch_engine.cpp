@@ -2,6 +2,7 @@
 
 #include "clock.h"
 #include "error.h"
+#include "choices.h"
 #include "grammar.h"
 #include "model.h"
 #include "vocab.h"
@@ -174,11 +175,14 @@ int64_t BatchEngine::submit(const Request & r) {
                      "adapter " + std::to_string(r.adapter) + " is being unloaded");
         ad = &it->second;
     }
-    std::unique_ptr<Grammar> grammar;
+    APPL_REQUIRE(r.grammar.empty() || r.choices.empty(), InvalidArgument, "a request takes a grammar or choices, not both");
+    std::unique_ptr<Constraint> constraint;
     if (!r.grammar.empty()) {
         APPL_REQUIRE(vocab_ != nullptr, InvalidArgument, "a grammar needs the engine's vocabulary (BatchEngine's vocab)");
         APPL_REQUIRE(vocab_->n_tokens() <= n_vocab, InvalidArgument, "the vocabulary does not match the model");
-        grammar = std::make_unique<Grammar>(*vocab_, r.grammar);  // InvalidArgument naming the problem
+        constraint = std::make_unique<Grammar>(*vocab_, r.grammar);  // InvalidArgument naming the problem
+    } else if (!r.choices.empty()) {
+        constraint = std::make_unique<Choices>(r.choices, n_vocab, eog_);  // InvalidArgument naming the problem
     }
     auto seq = std::make_unique<Sequence>(next_id_++, r.prompt, salt_for(r.tenant, ad ? ad->info.identity : 0),
                                           r.sampling, n_vocab);
@@ -192,7 +196,7 @@ int64_t BatchEngine::submit(const Request & r) {
     seq->exit_mode      = r.exit_mode;
     seq->exit_threshold = r.exit_threshold;
     seq->logprobs       = r.logprobs;
-    seq->grammar        = std::move(grammar);
+    seq->constraint     = std::move(constraint);
     Sequence * s = seq.get();
     seqs_.emplace(s->id, std::move(seq));
     sched_.add(s);
@@ -242,22 +246,22 @@ void BatchEngine::advanced(Sequence & s) {
 }
 
 int32_t BatchEngine::sample(Sequence & s, const float * row) {
-    return s.grammar ? s.grammar->sample(s.sampler, row, s.tokens) : s.sampler.sample(row, s.tokens);
+    return s.constraint ? s.constraint->sample(s.sampler, row, s.tokens) : s.sampler.sample(row, s.tokens);
 }
 
 TokenScore BatchEngine::score(const Sequence & s, const float * row, uint32_t n, int32_t idx) {
     if (!s.logprobs || idx < 0) return TokenScore{};
     TokenScore sc = score_token(row, static_cast<int32_t>(n), idx);
-    if (s.grammar) sc.margin = row[idx] - s.grammar->runner_up(row, static_cast<int32_t>(n), idx);  // before accept()
+    if (s.constraint) sc.margin = row[idx] - s.constraint->runner_up(row, static_cast<int32_t>(n), idx);  // before accept()
     return sc;
 }
 
 bool BatchEngine::emit(Sequence & s, int32_t tok, std::vector<Event> & events, TokenScore sc) {
-    if (tok < 0 || (eog_.count(tok) != 0 && s.stop_at_eog)) {  // tok < 0: the grammar allows nothing more
+    if (tok < 0 || (eog_.count(tok) != 0 && s.stop_at_eog)) {  // tok < 0: the constraint allows nothing more
         finish(&s, "stop", events);
         return false;
     }
-    if (s.grammar) s.grammar->accept(tok);
+    if (s.constraint) s.constraint->accept(tok);
     s.tokens.push_back(tok);
     for (auto it = events.rbegin(); it != events.rend(); ++it) {
         if (it->id == s.id) {
@@ -269,6 +273,10 @@ bool BatchEngine::emit(Sequence & s, int32_t tok, std::vector<Event> & events, T
             }
             break;
         }
+    }
+    if (s.constraint && s.constraint->complete()) {  // a whole answer: nothing may follow
+        finish(&s, "stop", events);
+        return false;
     }
     if (s.n_generated() >= s.max_tokens || s.tokens.size() >= max_seq_len()) {
         finish(&s, "length", events);

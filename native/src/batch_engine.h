@@ -56,6 +56,8 @@ struct Request {
     std::string          grammar;  // GBNF (root rule "root") every new token must follow; "": none. Needs the
                                    // engine's vocabulary. Adaptive exits look at the grammar's allowed tokens
                                    // only; lossless drafts ignore it (verification applies it: same output)
+    std::vector<std::vector<int32_t>> choices;  // or: the output is one of these token sequences, then ends
+                                                // (choices.h); not with a grammar
 };
 
 // A LoRA adapter the engine serves.
@@ -182,8 +184,8 @@ private:
     // Appends tok to s, or finishes s on an end-of-generation token or at its length limit; false once
     // s is finished (and gone). The step's event for s must exist.
     bool            emit(Sequence & s, int32_t tok, std::vector<Event> & events, TokenScore score = {});
-    // the next token of s from a full-vocabulary row: its sampler, under its grammar when it has one
-    // (-1: the grammar allows no token)
+    // the next token of s from a full-vocabulary row: its sampler, under its constraint when it has
+    // one (-1: the constraint allows no token)
     static int32_t  sample(Sequence & s, const float * row);
     // the token's score when its request asked for one (a pass over the row), else NaNs
     static TokenScore score(const Sequence & s, const float * row, uint32_t n, int32_t idx);

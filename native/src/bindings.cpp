@@ -324,7 +324,8 @@ PYBIND11_MODULE(_native, m) {
         .def("submit", [](BatchEngine & e, const py::handle & prompt, uint32_t max_tokens, float temperature, int32_t top_k,
                           float top_p, float min_p, float repeat_penalty, int32_t repeat_last_n, uint64_t seed,
                           bool stop_at_eog, std::string tenant, const std::string & exit_mode, float exit_threshold,
-                          bool logprobs, int64_t adapter, std::string grammar) {
+                          bool logprobs, int64_t adapter, std::string grammar,
+                          std::vector<std::vector<int32_t>> choices) {
                  if (adapter < 0) throw InvalidArgument("adapter must be an id from load_adapter, or 0 for none");
                  Request r;
                  r.adapter        = adapter;
@@ -337,19 +338,23 @@ PYBIND11_MODULE(_native, m) {
                  r.stop_at_eog             = stop_at_eog;
                  r.tenant                  = std::move(tenant);
                  r.grammar                 = std::move(grammar);
+                 r.choices                 = std::move(choices);
                  return e.submit(r);
              },
              py::arg("prompt"), py::kw_only(), py::arg("max_tokens") = 256, py::arg("temperature") = 0.8f,
              py::arg("top_k") = 40, py::arg("top_p") = 0.95f, py::arg("min_p") = 0.05f, py::arg("repeat_penalty") = 1.0f,
              py::arg("repeat_last_n") = 64, py::arg("seed") = 0, py::arg("stop_at_eog") = true, py::arg("tenant") = "",
              py::arg("exit_mode") = "off", py::arg("exit_threshold") = -1.0f, py::arg("logprobs") = false,
-             py::arg("adapter") = 0, py::arg("grammar") = "",
+             py::arg("adapter") = 0, py::arg("grammar") = "", py::arg("choices") = std::vector<std::vector<int32_t>>{},
              "Queue a request (prompt token ids); returns its id. exit_mode: 'off', 'lossless' (self-speculative, "
              "same output) or 'adaptive' (confidence-based early exit; exit_threshold < 0 uses the calibrated ones). "
              "logprobs: score every new token (Event.logprobs, Event.entropies; one pass over the vocabulary each). "
              "adapter: a LoRA adapter id from load_adapter, 0 for the base model. "
              "grammar: GBNF (root rule 'root') every new token must follow, '' for none; needs the engine's vocab; "
-             "ValueError naming the problem when libllama cannot parse it.")
+             "ValueError naming the problem when libllama cannot parse it. "
+             "choices: or the output is exactly one of these token sequences (each as the model writes it "
+             "after the prompt), then ends; margins then compare the answers (ValueError for an empty one or "
+             "a token outside the vocabulary).")
         .def("load_adapter", [](BatchEngine & e, const std::string & path, float scale) {
                  py::gil_scoped_release release;
                  return e.load_adapter(path, scale);

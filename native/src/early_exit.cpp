@@ -13,9 +13,10 @@
 //   confidence (the top softmax probability over the shortlist); above the layer's threshold the
 //   token is emitted from there and the K/V of the layers it skipped are filled from its hidden state,
 //   otherwise it runs on to the next exit layer, and finally through the full network and head.
-// A request with a grammar (grammar.h): lossless drafts ignore it and verification samples under it,
-//   so the output is full depth's under the grammar (drafts it rules out are simply not accepted);
-//   adaptive exits weigh only the shortlisted tokens the grammar allows (none: on to the next layer).
+// A request with a constraint (a grammar or choices, constraint.h): lossless drafts ignore it and
+//   verification samples under it, so the output is full depth's under it (drafts it rules out are
+//   simply not accepted); adaptive exits weigh only the shortlisted tokens it allows (none: on to
+//   the next layer).
 #include "batch_engine.h"
 
 #include "clock.h"
@@ -239,7 +240,7 @@ void BatchEngine::step_adaptive(const std::vector<Scheduled> & plan, std::vector
         emit(s, tok, events, sc);
     };
 
-    std::vector<float> masked;  // a grammar sequence's shortlist row
+    std::vector<float> masked;  // a constrained sequence's shortlist row
     uint32_t           begin = 0;
     for (size_t x = 0; x < params_.exit_layers.size() && !active.empty(); ++x) {
         const uint32_t e = params_.exit_layers[x];
@@ -249,9 +250,9 @@ void BatchEngine::step_adaptive(const std::vector<Scheduled> & plan, std::vector
             const uint32_t j   = active[r];
             Sequence &     s   = *plan[j].seq;
             const float *  row = logits_.data() + r * n_short;
-            if (s.grammar) {  // only the tokens the grammar allows: the confidence and the draw are theirs
+            if (s.constraint) {  // only the tokens the constraint allows: the confidence and the draw are theirs
                 masked.assign(row, row + n_short);
-                if (s.grammar->mask(masked.data(), static_cast<int32_t>(n_short), ids.data()) == 0) {
+                if (s.constraint->mask(masked.data(), static_cast<int32_t>(n_short), ids.data()) == 0) {
                     stay.push_back(j);  // none shortlisted: the full head decides
                     continue;
                 }

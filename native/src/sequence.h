@@ -2,7 +2,7 @@
 // table, its sampler and limits.
 #pragma once
 
-#include "grammar.h"
+#include "constraint.h"
 #include "sampler.h"
 
 #include <cstdint>
@@ -36,7 +36,7 @@ struct Sequence {
     uint32_t             max_tokens = 256;
     bool                 stop_at_eog = true;
     Sampler              sampler;
-    std::unique_ptr<Grammar> grammar;         // constrains every sampled token (nullptr: none)
+    std::unique_ptr<Constraint> constraint;   // a grammar or choices every sampled token keeps to (nullptr: none)
     SeqStatus            status = SeqStatus::Waiting;
     std::string          finish_reason;       // "stop", "length" once finished
     uint32_t             n_prompt_cached = 0; // prompt tokens the prefix cache served at first schedule

@@ -16,7 +16,7 @@ from appliance.common.types import ChatMessage, Passage, Result, RouteTaken, Usa
 from appliance.service.admission import Admission, Lane
 from appliance.service.auth import Authenticator, hash_token
 from appliance.service.context import ContextBuilder, select_passages
-from appliance.service.prefixes import HotPrefixes
+from appliance.service.prefixes import Hot, HotPrefixes, load_hot, save_hot
 
 
 def test_defaults_serve_air_gapped() -> None:
@@ -287,6 +287,47 @@ def test_hot_prefixes_pick_the_longest_shared_block_runs() -> None:
     full.note("acme", list(range(40)))
     full.note("acme", list(range(40)))
     assert [len(h.tokens) for h in full.hottest(2)] == [8]  # the memory bound stops new nodes
+
+
+class _Killed(BaseException):
+    """Stands for kill -9 in the middle of a save: nothing after it runs."""
+
+
+class _PrefixEngine:
+    """save_prefix / load_prefix as AsyncEngine's: the file holds the tokens; `die_at` kills the save."""
+
+    def __init__(self, die_at: int = -1) -> None:
+        self.saves = 0
+        self.die_at = die_at
+        self.loaded: list[str] = []
+
+    def save_prefix(self, tokens: Sequence[int], path: Path, *, tenant: str = "") -> int:
+        if self.saves == self.die_at:
+            Path(str(path) + ".tmp").write_text("half")  # the native writer's own temporary
+            raise _Killed
+        self.saves += 1
+        Path(path).write_text(f"{tenant}:{list(tokens)}")
+        return len(tokens)
+
+    def load_prefix(self, path: Path) -> int:
+        self.loaded.append(Path(path).read_text())
+        return 1
+
+
+def test_hot_prefix_saves_replace_the_old_set_only_once_the_new_one_is_written(tmp_path: Path) -> None:
+    first = [Hot("acme", (1, 2, 3, 4), 3), Hot("acme", (5, 6, 7, 8), 2)]
+    second = [Hot("acme", (9, 9, 9, 9), 5), Hot("globex", (1, 2, 3, 4), 4)]
+    assert save_hot(_PrefixEngine(), first, tmp_path) == 8  # type: ignore[arg-type]
+    with pytest.raises(_Killed):  # killed after the first new prefix: the old ones are all still there
+        save_hot(_PrefixEngine(die_at=1), second, tmp_path)  # type: ignore[arg-type]
+    engine = _PrefixEngine()
+    load_hot(engine, tmp_path)  # type: ignore[arg-type]
+    assert sorted(engine.loaded) == sorted(["acme:[1, 2, 3, 4]", "acme:[5, 6, 7, 8]", "acme:[9, 9, 9, 9]"])
+    assert not list(tmp_path.glob("*.tmp*"))  # the cut save's leftovers are gone
+    assert save_hot(_PrefixEngine(), second, tmp_path) == 8  # type: ignore[arg-type]
+    engine = _PrefixEngine()
+    load_hot(engine, tmp_path)  # type: ignore[arg-type]
+    assert sorted(engine.loaded) == ["acme:[9, 9, 9, 9]", "globex:[1, 2, 3, 4]"]  # a whole save replaces the set
 
 
 def test_the_packaged_config_parses_and_keeps_the_defaults() -> None:

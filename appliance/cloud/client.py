@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import json
 import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import msgspec
@@ -22,6 +23,8 @@ from appliance.cloud.provider import Messages, Provider, StreamParser
 from appliance.cloud.sse import sse_events
 from appliance.cloud.types import CloudError, Reply
 from appliance.engine.sampling import SamplingOptions
+
+T = TypeVar("T")
 
 log = logging.getLogger("appliance.cloud")
 RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
@@ -59,9 +62,21 @@ def _decode(data: str) -> Any:
     if data == "[DONE]":
         return data
     try:
-        return json.loads(data)
+        value = json.loads(data)
     except json.JSONDecodeError as e:
         raise CloudError("malformed", f"cloud sent data that is not JSON ({e.msg}): {data[:120]!r}") from None
+    if not isinstance(value, dict):
+        raise CloudError("malformed", f"cloud sent JSON that is not an object: {data[:120]!r}")
+    return value
+
+
+def _shaped(what: str, read: Callable[[], T]) -> T:
+    """read() of a cloud answer whose JSON has parts of the wrong type (a list where an object goes, a
+    number for a string) as CloudError("malformed"), never an AttributeError up the request path."""
+    try:
+        return read()
+    except (AttributeError, TypeError, KeyError, IndexError, ValueError) as e:
+        raise CloudError("malformed", f"cloud {what} has an unexpected shape ({type(e).__name__}: {e})") from None
 
 
 class CloudBackend:
@@ -143,7 +158,8 @@ class CloudBackend:
                     async for item in self._events(resp, self.provider.stream_parser()):
                         yield item
                 else:  # a server that ignores "stream": one JSON answer
-                    reply = self.provider.parse_reply(_decode((await resp.aread()).decode("utf-8", "replace")))
+                    body = _decode((await resp.aread()).decode("utf-8", "replace"))
+                    reply = _shaped("answer", lambda: self.provider.parse_reply(body))
                     if reply.text:
                         yield reply.text
                     yield reply
@@ -157,7 +173,8 @@ class CloudBackend:
     async def _events(self, resp: httpx.Response, parser: StreamParser) -> AsyncIterator[str | Reply]:
         parts: list[str] = []
         async for event, data in sse_events(resp.aiter_lines()):
-            text = parser.feed(event, _decode(data))
+            value = _decode(data)
+            text = _shaped("stream event", functools.partial(parser.feed, event, value))
             if text:
                 parts.append(text)
                 yield text

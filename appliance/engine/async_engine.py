@@ -146,7 +146,13 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         sub = _Submit(tokens, opts, tenant, loop, asyncio.Queue(), Future(), adapter)
         self._commands.put(sub)
-        request_id = await asyncio.wrap_future(sub.reply)
+        try:
+            request_id = await asyncio.wrap_future(sub.reply)
+        except asyncio.CancelledError:
+            # cancelled while the engine thread takes the submission: it is dropped there, or, when the
+            # thread had already started it, cancelled as soon as its id is known
+            sub.reply.add_done_callback(self._cancel_submitted)
+            raise
         decoder = Decoder(self.vocab, opts.stop)
         ended = False  # the native request finished (else it is cancelled on the way out)
         try:
@@ -160,6 +166,10 @@ class AsyncEngine:
         finally:
             if not ended:
                 self._commands.put(_Cancel(request_id))
+
+    def _cancel_submitted(self, reply: Future[int]) -> None:
+        if not reply.cancelled() and reply.exception() is None:
+            self._commands.put(_Cancel(reply.result()))
 
     def load_adapter(self, path: str | os.PathLike[str], scale: float = 1.0) -> int:
         """Load a LoRA adapter (llama.cpp GGUF) while serving; its id goes to `generate(adapter=)`."""
@@ -219,6 +229,8 @@ class AsyncEngine:
                 self._step()
 
     def _handle(self, cmd: _Submit | _Cancel | _Call) -> None:
+        if isinstance(cmd, _Call | _Submit) and not cmd.reply.set_running_or_notify_cancel():
+            return  # its caller gave up waiting (a cancelled submit never reaches the native engine)
         if isinstance(cmd, _Call):
             try:
                 cmd.reply.set_result(cmd.fn())

@@ -37,7 +37,11 @@ class Admission:
         (a cascade escalating to the cloud, a cloud failure answered locally)."""
         if self.closed:
             raise Unavailable("the server is shutting down")
-        if self.lane_running[lane] >= self.limits[lane] and self.waiting >= self.max_queue:
+        # refused when it would have to wait and the queue is full, and also, with a free slot, while the
+        # queue is full of admitted requests waiting to change lanes (cloud failures answered locally),
+        # which are never refused: new requests must not keep adding to them
+        full = self.waiting >= self.max_queue
+        if full and (self.waiting > 0 or self.lane_running[lane] >= self.limits[lane]):
             raise Overloaded(
                 f"overloaded: {self.lane_running[lane]} running ({lane}) and {self.waiting} queued; "
                 f"retry in {self.retry_after_ms} ms",

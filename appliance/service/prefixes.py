@@ -83,12 +83,14 @@ class HotPrefixes:
 
 def save_hot(engine: AsyncEngine, hot: list[Hot], directory: Path) -> int:
     """Replace the saved prefixes in `directory` with `hot` (none hot this run: the saved ones stay);
-    returns the tokens written."""
+    returns the tokens written. Each new file is written aside and renamed into place, and the old
+    ones are removed only after, so a save cut short (kill -9, power loss) leaves the old set, the new
+    one or a mix of whole files, never a missing or half-written prefix."""
     if not hot:
         return 0
     directory.mkdir(parents=True, exist_ok=True)
-    for old in directory.glob("*.kv"):
-        old.unlink()
+    _remove_leftovers(directory)
+    old = set(directory.glob("*.kv"))
     total = 0
     for h in hot:
         name = hashlib.sha256(f"{h.tenant}\0{h.tokens}".encode()).hexdigest()[:16]
@@ -102,15 +104,29 @@ def save_hot(engine: AsyncEngine, hot: list[Hot], directory: Path) -> int:
         if n == 0:  # evicted from the cache since: nothing to keep
             tmp.unlink(missing_ok=True)
             continue
-        tmp.replace(directory / f"{name}.kv")
+        kept = directory / f"{name}.kv"
+        tmp.replace(kept)
+        old.discard(kept)
         total += n
+    if total:
+        for path in old:
+            path.unlink(missing_ok=True)
     return total
+
+
+def _remove_leftovers(directory: Path) -> None:
+    """The temporary files of a save that was cut short."""
+    for path in directory.glob("*.tmp*"):
+        path.unlink(missing_ok=True)
 
 
 def load_hot(engine: AsyncEngine, directory: Path) -> int:
     """Load every saved prefix in `directory` into the prefix cache; a file the engine refuses (another
-    model, truncated) is logged and removed. Returns the tokens loaded."""
+    model, truncated) is logged and removed, as are the leftovers of a save cut short. Returns the
+    tokens loaded."""
     total = 0
+    if directory.is_dir():
+        _remove_leftovers(directory)
     for path in sorted(directory.glob("*.kv")):
         try:
             total += engine.load_prefix(path)

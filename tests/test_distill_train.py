@@ -214,3 +214,87 @@ def test_cli_trains_on_a_tenants_captured_task(
     assert _cli([*argv[:-1], "--out", str(tmp_path / "n" / "x")]) == 2  # --tenant without --task
     assert "--tenant needs --task" in capsys.readouterr().err
     assert not (tmp_path / "n").exists()
+
+
+# ---------------------------------------------------------------- LoRA on the top blocks only (--layers)
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "qwen2", "llama"])
+def test_cached_frozen_blocks_give_the_full_loss_and_gradients(tiny_model: Callable[..., Path], arch: str) -> None:
+    """With LoRA on the top 2 of 4 blocks, the loss and the LoRA gradients computed from the cached
+    output of the bottom 2 equal those of the whole model run; the cached states of a right-padded
+    batch equal each example's alone; the model's own layers are back in place afterwards."""
+    import torch
+
+    from appliance.distill.data import Example
+    from appliance.distill.train import FrozenBottom, answer_loss, attach_lora, frozen_blocks, make_batch
+
+    cfg = TrainConfig(rank=4, alpha=8.0, seed=0, layers=2)
+    model = attach_lora(load_model(tiny_model(arch, "F32", n_layer=4)), cfg)
+    assert frozen_blocks(model, cfg) == 2
+    assert {name.split(".")[2] for name in lora_weights(model)} == {"2", "3"}  # model.layers.<i>.
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # random A and B (the default init leaves B at zero: no gradient for A)
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    examples = [
+        Example(tuple(range(10, 30)), (40, 41, 2)),  # longer than gemma3's sliding window (8)
+        Example((1, 50, 51), (60, 2)),
+        Example((1, 7, 8, 9, 70, 71, 72), (80,)),
+    ]
+    layers = list(model.get_base_model().get_decoder().layers)
+    bottom = FrozenBottom(2)
+    bottom.add(model, examples, batch_size=3)  # one right-padded batch
+    for e in examples:
+        alone = FrozenBottom(2)
+        alone.add(model, [e], batch_size=1)
+        a, b = alone.states[e.tokens], bottom.states[e.tokens]  # equal up to float rounding (batch shapes)
+        assert a.shape == b.shape and float((a - b).abs().max()) < 1e-5 * float(a.abs().max()), (a - b).abs().max()
+
+    def loss_and_grads(batch: Any) -> tuple[float, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        loss = answer_loss(model, batch)
+        loss.backward()  # type: ignore[no-untyped-call]
+        return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.train()
+    full, full_grads = loss_and_grads(make_batch(examples))
+    cached, cached_grads = loss_and_grads(make_batch(examples, bottom=bottom))
+    assert cached == pytest.approx(full, abs=1e-5)
+    assert full_grads.keys() == cached_grads.keys() and len(full_grads) == 2 * 2 * 7  # A and B, 2 blocks, 7 linears
+    for n, g in full_grads.items():
+        assert float(g.abs().max()) > 0, n
+        assert torch.allclose(cached_grads[n], g, rtol=1e-4, atol=1e-6), (n, (cached_grads[n] - g).abs().max())
+    assert list(model.get_base_model().get_decoder().layers) == layers
+
+
+def test_cli_layers_trains_the_top_blocks_only(
+    tiny_model: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--layers 2 of 4: the held-out loss falls, the adapter holds tensors of blocks 2 and 3 only, it
+    runs in our engine as in llama.cpp (greedy outputs), and the merged model loads in our core."""
+    import gguf
+    from test_adapters_trained import check_trained
+
+    base = tiny_model("gemma3", "F32", n_layer=4)
+    data = write_jsonl(tmp_path / "task.jsonl", task_rows(80))
+    argv = ["distill", "train", "--data", str(data), "--base", str(base), "--epochs", "4", "--rank", "8"]
+    argv += ["--lr", "0.01", "--threads", "1", "--batch-size", "8", "--patience", "0", "--json"]
+    assert _cli([*argv, "--layers", "2", "--merged", "--out", str(tmp_path / "top2")]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert "on gemma3" not in captured.err and "of blocks 2-3" in captured.err
+    assert "frozen blocks 0-1: 72/72 examples" in captured.err  # the progress of the cache, training examples
+    assert out["val_loss_after"] < 0.5 * out["val_loss_before"], out
+    assert 0 < out["frozen_seconds"] < out["seconds"]  # the one-off pass is counted in the training time
+    blocks = {t.name.split(".")[1] for t in gguf.GGUFReader(out["adapter"]).tensors}
+    assert blocks == {"2", "3"}
+    vocab = _native.Vocab(str(base))
+    prompts = [list(vocab.tokenize(r["prompt"])) for r in task_rows(6, seed=9)]
+    check_trained(base, Path(out["adapter"]), [], prompts, 4, threads=1)
+    _native.Model(out["merged"], use_gpu=False)  # merged from an adapter of some blocks: loads in our core
+
+    assert _cli([*argv, "--layers", "0", "--out", str(tmp_path / "none")]) == 2
+    assert "layers must be >= 1 (got 0)" in capsys.readouterr().err
+    assert not (tmp_path / "none.lora.gguf").exists()

@@ -7,6 +7,10 @@ batch, its final hidden states are gathered at the positions that predict an ans
 those rows go through the (tied) output head. For Gemma 3 270M the 262,144 x 640 head is about two
 thirds of a token's work; a classification answer is a few tokens after a prompt of dozens.
 
+With `TrainConfig.layers` = N (mlx-lm's --num-layers), the LoRA is on the top N blocks only: the
+blocks below never change, so they run once per example before training (FrozenBottom caches their
+output) and each step runs, forward and backward, only the top N blocks and the head.
+
 Determinism: the LoRA init, the epoch shuffles and dropout are seeded, torch runs with deterministic
 algorithms, and the thread count is fixed: the same data, seed, options and thread count give the same
 adapter bytes.
@@ -15,6 +19,7 @@ adapter bytes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import math
 import os
@@ -57,6 +62,9 @@ class TrainConfig:
     dropout: float = 0.0
     weight_decay: float = 0.0
     target_modules: tuple[str, ...] = ALL_LINEAR
+    # LoRA on the top `layers` transformer blocks only (mlx-lm's --num-layers); the frozen blocks below run
+    # once per example, before training, and their output is cached. None (or >= the model's): every block
+    layers: int | None = None
 
     def validate(self) -> None:
         checks = [
@@ -73,6 +81,7 @@ class TrainConfig:
             (self.evals_per_epoch >= 1, "evals_per_epoch must be >= 1"),
             (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
             (bool(self.target_modules), "target_modules is empty"),
+            (self.layers is None or self.layers >= 1, f"layers must be >= 1 (got {self.layers})"),
         ]
         for ok, what in checks:
             if not ok:
@@ -83,7 +92,7 @@ class TrainConfig:
 class TrainResult:
     train_examples: int
     val_examples: int
-    seconds: float  # training only (loading and validation excluded)
+    seconds: float  # training, the frozen blocks' one-off pass included (loading and validation excluded)
     cpu_seconds: float  # CPU time of the process over those steps, all threads (a busy machine stretches `seconds`)
     tokens_per_s: float  # training tokens (prompt + answer) per second of training
     train_tokens: int
@@ -93,6 +102,7 @@ class TrainResult:
     steps: int
     stopped_early: bool
     load_seconds: float
+    frozen_seconds: float = 0.0  # of `seconds`: running the frozen bottom blocks once over the training examples
     history: list[dict[str, float]] = field(default_factory=list)  # one entry per evaluation
 
     def as_dict(self) -> dict[str, Any]:
@@ -162,17 +172,25 @@ def load_model(path: str | os.PathLike[str]) -> Any:
     return model
 
 
+def frozen_blocks(model: Any, cfg: TrainConfig) -> int:
+    """How many transformer blocks at the bottom carry no LoRA (0: every block is trained)."""
+    n_layer = int(model.config.num_hidden_layers)
+    return 0 if cfg.layers is None else max(0, n_layer - cfg.layers)
+
+
 def attach_lora(model: Any, cfg: TrainConfig) -> Any:
-    """A PEFT LoRA on `cfg.target_modules`, initialised from `cfg.seed`."""
+    """A PEFT LoRA on `cfg.target_modules` of the top `cfg.layers` blocks, initialised from `cfg.seed`."""
     import torch
     from peft import LoraConfig, get_peft_model
 
+    skip = frozen_blocks(model, cfg)
     torch.manual_seed(cfg.seed)
     lcfg = LoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.alpha,  # type: ignore[arg-type]  # peft annotates int; float works
         lora_dropout=cfg.dropout,
         target_modules=list(cfg.target_modules),
+        layers_to_transform=list(range(skip, int(model.config.num_hidden_layers))) if skip else None,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -209,9 +227,11 @@ class Batch:
     cols: torch.Tensor  # [N] position whose hidden state predicts it (the token before)
     targets: torch.Tensor  # [N] the answer token ids
     n_tokens: int  # real (unpadded) tokens
+    bottom: FrozenBottom | None = None  # the frozen bottom blocks' cached output, when they are skipped
+    hidden: torch.Tensor | None = None  # [B, T, n_embd]: that output for this batch (right-padded with zeros)
 
 
-def make_batch(examples: Sequence[Example], pad_id: int = 0) -> Batch:
+def make_batch(examples: Sequence[Example], pad_id: int = 0, bottom: FrozenBottom | None = None) -> Batch:
     import torch
 
     width = max(len(e.tokens) for e in examples)
@@ -235,16 +255,155 @@ def make_batch(examples: Sequence[Example], pad_id: int = 0) -> Batch:
         torch.tensor(cols, dtype=torch.long),
         torch.tensor(targets, dtype=torch.long),
         int(mask.sum()),
+        bottom,
+        None if bottom is None else bottom.padded(examples, width),
     )
 
 
-def answer_logits(model: Any, batch: Batch) -> torch.Tensor:
-    """Logits [N, n_vocab] at the answer positions only: the body over the batch, the head on N rows."""
+class FrozenBottom:
+    """The output of the bottom `blocks` transformer blocks (they carry no LoRA, so it never changes),
+    computed once per example and kept: float32 [T, n_embd] per distinct token sequence.
+
+    The blocks run on right-padded batches: attention is causal and padding is masked, so the real
+    tokens' states are those of the example run alone. During a training step or validation pass the
+    bottom blocks are swapped, in the decoder's own layer list, for pass-through modules, the last of
+    which returns the cached states of the batch: the decoder's forward still builds the positions and
+    the (full and sliding-window) masks for the blocks above, and nothing of the model is re-implemented.
+    """
+
+    def __init__(self, blocks: int) -> None:
+        self.blocks = blocks
+        self.states: dict[tuple[int, ...], torch.Tensor] = {}
+        self.as_tuple = False  # whether a decoder block returns a tuple (hidden, ...) rather than a tensor
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.states.values())
+
+    def add(
+        self,
+        model: Any,
+        examples: Sequence[Example],
+        batch_size: int,
+        *,
+        log: TextIO | None = None,
+        progress_every_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """Run the bottom blocks over those of `examples` not cached yet and keep their output."""
+        import torch
+
+        todo = sorted({e.tokens for e in examples if e.tokens not in self.states}, key=lambda t: (len(t), t))
+        body = _causal(model).get_decoder()
+        captured: list[Any] = []
+
+        def keep(_module: Any, _args: Any, output: Any) -> None:
+            captured.append(output)
+            raise _Enough  # the blocks above are not run
+
+        t0 = last = clock()
+        hook = body.layers[self.blocks - 1].register_forward_hook(keep)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for i in range(0, len(todo), batch_size):
+                    chunk = [Example(t, ()) for t in todo[i : i + batch_size]]
+                    batch = make_batch(chunk)
+                    with contextlib.suppress(_Enough):
+                        body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+                    out = captured[-1]
+                    self.as_tuple = not isinstance(out, torch.Tensor)
+                    hidden = (out[0] if self.as_tuple else out).float()
+                    for row, toks in enumerate(todo[i : i + batch_size]):
+                        self.states[toks] = hidden[row, : len(toks)].clone()
+                    now = clock()
+                    if log is not None and (now - last >= progress_every_s or i + batch_size >= len(todo)):
+                        last = now
+                        done = min(len(todo), i + batch_size)
+                        print(
+                            f"distill: frozen blocks 0-{self.blocks - 1}: {done}/{len(todo)} examples"
+                            f" ({now - t0:.0f} s, cache {self.nbytes() / 2**20:.0f} MiB)",
+                            file=log,
+                            flush=True,
+                        )
+        finally:
+            hook.remove()
+            model.train(was_training)
+
+    def padded(self, examples: Sequence[Example], width: int) -> torch.Tensor:
+        """[B, width, n_embd]: the cached states of `examples`, right-padded with zeros."""
+        import torch
+
+        first = self.states[examples[0].tokens]
+        out = torch.zeros((len(examples), width, first.shape[-1]), dtype=first.dtype)
+        for i, e in enumerate(examples):
+            s = self.states[e.tokens]
+            out[i, : s.shape[0]] = s
+        return out
+
+
+@functools.cache
+def _pass_through_class() -> type:
     import torch
 
-    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    class PassThrough(torch.nn.Module):
+        """A skipped decoder block: returns its input hidden states, or `states` when set (the cached
+        output of the frozen blocks), as a tensor or as a 1-tuple like the block it stands for."""
+
+        def __init__(self, states: torch.Tensor | None, as_tuple: bool) -> None:
+            super().__init__()
+            self.states = states
+            self.as_tuple = as_tuple
+
+        def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            out = hidden_states if self.states is None else self.states
+            return (out,) if self.as_tuple else out
+
+    return PassThrough
+
+
+def _pass_through(states: torch.Tensor | None = None, as_tuple: bool = False) -> Any:
+    """A torch module standing for a skipped decoder block (torch is imported only when training runs)."""
+    return _pass_through_class()(states, as_tuple)
+
+
+@contextlib.contextmanager
+def _swapped(layers: Any, replacements: dict[int, Any]) -> Iterator[None]:
+    """`layers` (a torch ModuleList) with some entries replaced, restored afterwards whatever happens."""
+    original = {i: layers[i] for i in replacements}
+    try:
+        for i, m in replacements.items():
+            layers[i] = m
+        yield
+    finally:
+        for i, m in original.items():
+            layers[i] = m
+
+
+class _Enough(Exception):
+    """Raised by a forward hook to stop the model after the frozen blocks."""
+
+
+def _causal(model: Any) -> Any:
+    """The transformers causal LM (under the PEFT wrapper, if any)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def answer_logits(model: Any, batch: Batch) -> torch.Tensor:
+    """Logits [N, n_vocab] at the answer positions only: the body over the batch, the head on N rows.
+    With `batch.hidden`, the bottom blocks are not run: their cached output enters the first block above."""
+    import torch
+
+    causal = _causal(model)
     body = causal.get_decoder()
-    hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
+    skip: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+    if batch.bottom is not None and batch.hidden is not None:
+        k, as_tuple = batch.bottom.blocks, batch.bottom.as_tuple
+        below = {i: _pass_through(as_tuple=as_tuple) for i in range(k - 1)}
+        below[k - 1] = _pass_through(batch.hidden, as_tuple)
+        skip = _swapped(body.layers, below)
+    with skip:
+        hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
     picked = hidden[batch.rows, batch.cols]  # [N, n_embd]
     logits: torch.Tensor = causal.get_output_embeddings()(picked)
     softcap = getattr(causal.config, "final_logit_softcapping", None)
@@ -259,8 +418,11 @@ def answer_loss(model: Any, batch: Batch, *, reduction: str = "mean") -> torch.T
     return F.cross_entropy(answer_logits(model, batch), batch.targets, reduction=reduction)
 
 
-def evaluate(model: Any, examples: Sequence[Example], batch_size: int) -> float | None:
-    """Mean cross-entropy per answer token over `examples` (None when there are none)."""
+def evaluate(
+    model: Any, examples: Sequence[Example], batch_size: int, bottom: FrozenBottom | None = None
+) -> float | None:
+    """Mean cross-entropy per answer token over `examples` (None when there are none); with `bottom`,
+    from its cached states of the frozen blocks (`examples` must be cached)."""
     import torch
 
     if not examples:
@@ -271,7 +433,7 @@ def evaluate(model: Any, examples: Sequence[Example], batch_size: int) -> float 
     ordered = sorted(examples, key=lambda e: len(e.tokens))
     with torch.no_grad():
         for i in range(0, len(ordered), batch_size):
-            batch = make_batch(ordered[i : i + batch_size])
+            batch = make_batch(ordered[i : i + batch_size], bottom=bottom)
             total += float(answer_loss(model, batch, reduction="sum"))
             count += int(batch.targets.numel())
     model.train(was_training)
@@ -366,15 +528,30 @@ def train(
             for k in range(cfg.evals_per_epoch)
         }
         n_params = sum(p.numel() for p in params)
+        n_layer = int(model.config.num_hidden_layers)
+        skip = frozen_blocks(model, cfg)
+        where = f"blocks {skip}-{n_layer - 1}" if skip else f"all {n_layer} blocks"
         print(
             f"distill: {len(train_set)} training examples ({n_tokens(train_set)} tokens), {len(val_set)} held out;"
-            f" LoRA r={cfg.rank} alpha={cfg.alpha:g} on {','.join(cfg.target_modules)} ({n_params:,} parameters);"
+            f" LoRA r={cfg.rank} alpha={cfg.alpha:g} on {','.join(cfg.target_modules)} of {where}"
+            f" ({n_params:,} parameters);"
             f" {cfg.epochs} epoch(s) x {steps_per_epoch} steps, batch {cfg.batch_size}, lr {cfg.lr:g} {cfg.schedule},"
             f" {torch.get_num_threads()} thread(s)",
             file=out,
             flush=True,
         )
-        val_before = evaluate(peft_model, val_set, cfg.batch_size)
+        train_seconds = cache_seconds = 0.0
+        cpu_seconds = 0.0
+        bottom: FrozenBottom | None = None
+        if skip:  # the frozen blocks' output, once per example; counted as training time (it is its cost)
+            bottom = FrozenBottom(skip)
+            t0, c0 = clock(), time.process_time()
+            bottom.add(peft_model, train_set, cfg.batch_size, log=out, progress_every_s=progress_every_s, clock=clock)
+            cache_seconds = clock() - t0
+            train_seconds += cache_seconds
+            cpu_seconds += time.process_time() - c0
+            bottom.add(peft_model, val_set, cfg.batch_size, log=out, progress_every_s=progress_every_s, clock=clock)
+        val_before = evaluate(peft_model, val_set, cfg.batch_size, bottom)
         if val_before is not None:
             print(f"distill: validation loss before training {val_before:.4f}", file=out, flush=True)
 
@@ -385,8 +562,6 @@ def train(
         stopped = False
         step = 0
         trained_tokens = 0
-        train_seconds = 0.0
-        cpu_seconds = 0.0
         last_report = clock()
         loss_ema: float | None = None
         peft_model.train()
@@ -397,7 +572,7 @@ def train(
                 t0, c0 = clock(), time.process_time()
                 for g in opt.param_groups:
                     g["lr"] = cfg.lr * lr_factor(step, total_steps, warmup_steps, cfg.schedule)
-                batch = make_batch(batch_examples)
+                batch = make_batch(batch_examples, bottom=bottom)
                 loss = answer_loss(peft_model, batch)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()  # type: ignore[no-untyped-call]
@@ -412,7 +587,7 @@ def train(
                 if now - last_report >= progress_every_s or step == total_steps:
                     last_report = now
                     rate = trained_tokens / train_seconds if train_seconds > 0 else 0.0
-                    eta = train_seconds / step * (total_steps - step)
+                    eta = (train_seconds - cache_seconds) / step * (total_steps - step)
                     print(
                         f"distill: epoch {epoch + 1}/{cfg.epochs} step {step}/{total_steps} loss {loss_ema:.4f}"
                         f" lr {opt.param_groups[0]['lr']:.2e} | {rate:.0f} tokens/s | ETA {_fmt_time(eta)}",
@@ -420,7 +595,7 @@ def train(
                         flush=True,
                     )
                 if val_set and i in eval_at:
-                    val = evaluate(peft_model, val_set, cfg.batch_size)
+                    val = evaluate(peft_model, val_set, cfg.batch_size, bottom)
                     assert val is not None
                     history.append(
                         {"epoch": epoch + i / steps_per_epoch, "step": step, "val_loss": val, "train_loss": loss_ema}
@@ -464,6 +639,7 @@ def train(
         steps=step,
         stopped_early=stopped,
         load_seconds=round(load_seconds, 3),
+        frozen_seconds=round(cache_seconds, 3),
         history=history,
     )
     return peft_model, result

@@ -15,6 +15,7 @@ from test_cache_eval import run_cli
 
 from appliance.cache import CacheConfig, GgufEmbedder, SemanticCache, fingerprint
 from appliance.cache.config import embedder_calibration
+from appliance.cache.frontier import FRONTIER_THRESHOLDS
 from appliance.cache.names import resolve_embedder, stored_calibration, tuned_path
 
 CLINC150 = Path(__file__).resolve().parent / "data" / "clinc150_val.csv"
@@ -65,7 +66,7 @@ def test_tune_writes_an_embedder_that_loads_with_its_calibration(
     assert res["embedder"].startswith("tuned.gguf:") and res["compare"]["embedder"].startswith("all-MiniLM-L6-v2")
     for f in (res["frontier"], res["compare"]):
         assert 0.0 <= f["threshold"]["auc"] <= 1.0 and "hit_rate_at_0.97" in f["threshold"]
-        assert len(f["threshold_curve"]) == 40
+        assert len(f["threshold_curve"]) == len(FRONTIER_THRESHOLDS)
     assert "decision" not in res["compare"]  # the plain embedder carries no decision
     rc, stdout, _ = run_cli(["cache", "eval", "--csv", str(data), "--embedding-model", str(out)], capsys)
     assert rc == 0 and "threshold rule" in stdout and "all-minilm-l6-v2 (plain)" in stdout
@@ -101,6 +102,7 @@ def test_tune_refuses_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[st
         (["--csv", str(good), "--epochs", "0"], "--epochs must be at least 1"),
         (["--csv", str(good), "--calibration-fraction", "1.5"], "--calibration-fraction must be between 0 and 1"),
         (["--csv", str(good), "--batch-size", "1"], "--batch-size must be at least 2"),
+        (["--csv", str(good), "--mix", "0"], "--mix must be in (0, 1]"),
         (["--csv", str(good), "--limit", "0"], "--limit must be at least 1"),
         (["--csv", str(good), "--limit", "10"], "10 questions"),
         (["--tenant", "acme", "--dir", str(tmp_path)], "no cache database at"),
@@ -134,3 +136,35 @@ def test_tune_on_a_tenant_reads_only_its_entries(tmp_path: Path, capsys: pytest.
             )
     rc, _, err = run_cli(["cache", "tune", "--tenant", "acme", "--dir", str(tmp_path), "--out", "t1"], capsys)
     assert rc == 2 and "tenant acme: 8 questions with 2 distinct answers" in err
+
+
+def test_the_layers_that_do_not_learn_run_once_with_the_same_vectors() -> None:
+    from appliance.cache.tune import Encoder, base_checkpoint
+
+    texts = ["how do i top up my card", "my card has not arrived yet, what should i do about it", "hi"]
+    enc = Encoder(base_checkpoint(), 32)
+    whole = enc.encode(texts)
+    for frozen in (0, 3, 6):
+        states = enc.frozen_states(texts, frozen)
+        assert [len(s) for s in states] == [9, 15, 3]  # one row per token, [CLS] and [SEP] included
+        np.testing.assert_allclose(enc.encode_from(states, frozen), whole, atol=1e-5)
+
+
+def test_mix_keeps_that_share_of_the_weight_change(tmp_path: Path) -> None:
+    from safetensors.numpy import load_file
+
+    from appliance.cache.replay import read_csv
+    from appliance.cache.tune import Progress, TuneConfig, base_checkpoint, train
+
+    rows = read_csv(_tiny_csv(tmp_path / "tiny.csv"))
+    weights = {}
+    for mix in (1.0, 0.5):
+        cfg = TuneConfig(max_anchors=16, batch_size=8, threads=1, mix=mix)
+        train(rows, cfg, tmp_path / f"mix{mix}", Progress(None))
+        weights[mix] = load_file(str(tmp_path / f"mix{mix}" / "model.safetensors"))
+    plain = {k.removeprefix("bert."): v for k, v in load_file(str(base_checkpoint() / "model.safetensors")).items()}
+    top = "encoder.layer.5.output.dense.weight"  # learns
+    low = "encoder.layer.0.output.dense.weight"  # stays
+    assert not np.allclose(weights[1.0][top], plain[top])
+    np.testing.assert_allclose(weights[0.5][top], (plain[top] + weights[1.0][top]) / 2, atol=1e-6)
+    np.testing.assert_array_equal(weights[0.5][low], plain[low])

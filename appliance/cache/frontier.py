@@ -25,7 +25,9 @@ from appliance.cache.guards import Signature, conflict, signature
 from appliance.cache.text import clean_text
 
 THRESHOLDS = tuple(round(0.60 + 0.01 * i, 2) for i in range(40))
-CUTOFFS = (*tuple(round(0.3 + 0.025 * i, 3) for i in range(28)), 0.985, 0.99, 0.995)
+# the frontier's grid: finer, as a tuned embedder's correct neighbours crowd above 0.9
+FRONTIER_THRESHOLDS = tuple(round(0.60 + 0.005 * i, 3) for i in range(80))
+CUTOFFS = (*tuple(round(0.3 + 0.025 * i, 3) for i in range(28)), 0.985, 0.99, 0.995, 0.9975, 0.999)
 Point = dict[str, float]
 _M = 64  # earlier rows remembered per row; beyond them the search falls back to all stored rows
 
@@ -177,7 +179,7 @@ def summary(curve: Sequence[Point], precision: float = 0.97) -> dict[str, float]
 
 def frontier_of(replayer: Replayer, decision: Decision | None, precision: float = 0.97) -> dict[str, Any]:
     """The threshold curve (and the decision's, when there is one) with their area and frontier point."""
-    thr = replayer.threshold_curve()
+    thr = replayer.threshold_curve(FRONTIER_THRESHOLDS)
     out: dict[str, Any] = {"threshold": summary(thr, precision), "threshold_curve": thr}
     if decision is not None:
         dec = replayer.decision_curve(decision)

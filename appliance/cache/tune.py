@@ -11,6 +11,11 @@ answer) and a hard negative (one of the nearest questions under the current embe
 differs, re-mined at each epoch). The loss is a cross-entropy over scaled cosine similarities
 between every anchor and every positive and hard negative of the batch (in-batch negatives plus the
 mined ones); candidates that share the anchor's answer are masked out rather than pushed away.
+The written weights are the plain ones plus ``mix`` (0.5) times the change training made
+(weight-space ensembling, as WiSE-FT): tuning on one domain alone moves other topics' questions too,
+and half the step keeps most of the gain on the tuned domain while the plain geometry elsewhere
+mostly stays. Only the top ``train_layers`` layers learn, so the embeddings and the layers below them run once
+per question before training (:meth:`Encoder.frozen_states`) and each step runs only the top ones.
 
 Output: a GGUF written by the same builder as the default embedder
 (:mod:`appliance.models.builders.minilm_gguf`), with the decision and the cosine threshold calibrated
@@ -51,13 +56,14 @@ _COPIED = ("config.json", "vocab.txt", "tokenizer_config.json", "special_tokens_
 class TuneConfig:
     epochs: int = 1
     batch_size: int = 32
-    lr: float = 1e-4
+    lr: float = 2e-4
     warmup: float = 0.1
     scale: float = 20.0  # similarities are multiplied by this before the softmax
     hard_negatives: int = 8  # nearest other-answer questions an anchor's negative is drawn from
     max_anchors: int = 4000  # anchors per epoch (a sample when there are more)
     max_len: int = 32  # tokens per question (longer ones are cut)
     train_layers: int = 3  # the top layers that learn; the embeddings and the layers below stay as they are
+    mix: float = 0.5  # the written weights: plain + mix * (tuned - plain); below 1 keeps other topics' geometry
     threads: int = 2
     seed: int = 0
     calibration_fraction: float = 0.2
@@ -73,6 +79,7 @@ class TuneConfig:
             (self.max_anchors >= 2, "--max-anchors must be at least 2"),
             (self.max_len >= 8, "max_len must be at least 8"),
             (self.train_layers >= 1, "train_layers must be at least 1"),
+            (0 < self.mix <= 1, "--mix must be in (0, 1]"),
             (self.threads >= 1, "--threads must be at least 1"),
             (0 < self.calibration_fraction < 1, "--calibration-fraction must be between 0 and 1"),
             (0.5 <= self.target < 1, "--target must be in [0.5, 1)"),
@@ -145,16 +152,67 @@ class Encoder:
         pooled = (out * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         return self.torch.nn.functional.normalize(pooled, dim=-1)
 
-    def encode(self, texts: Sequence[str], batch_size: int = 64) -> npt.NDArray[np.float32]:
-        """Vectors of ``texts``, batched by length (little padding)."""
+    def _by_length(
+        self, lengths: Sequence[int], run: Callable[[list[int]], torch.Tensor], batch_size: int
+    ) -> npt.NDArray[np.float32]:
+        """``run`` over batches of indices of similar ``lengths`` (little padding), without gradients."""
         self.model.eval()
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        out = np.empty((len(texts), self.model.config.hidden_size), dtype=np.float32)
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        out = np.empty((len(lengths), self.model.config.hidden_size), dtype=np.float32)
         with self.torch.no_grad():
             for a in range(0, len(order), batch_size):
                 idx = order[a : a + batch_size]
-                out[idx] = self.forward([texts[i] for i in idx]).numpy()
+                out[idx] = run(idx).numpy()
         return out
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64) -> npt.NDArray[np.float32]:
+        """Vectors of ``texts``, batched by length (little padding)."""
+        return self._by_length([len(t) for t in texts], lambda idx: self.forward([texts[i] for i in idx]), batch_size)
+
+    def frozen_states(self, texts: Sequence[str], frozen: int, batch_size: int = 64) -> list[torch.Tensor]:
+        """Each text's hidden states (one row per token) after the embeddings and the bottom ``frozen``
+        layers, computed once: those layers do not learn, so a step only runs the layers above them."""
+        self.model.eval()
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out: list[torch.Tensor | None] = [None] * len(texts)
+        with self.torch.no_grad():
+            for a in range(0, len(order), batch_size):
+                idx = order[a : a + batch_size]
+                batch = self.tokenizer(
+                    [texts[i] for i in idx], padding=True, truncation=True, max_length=self.max_len, return_tensors="pt"
+                )
+                h = self.model.embeddings(input_ids=batch["input_ids"], token_type_ids=batch.get("token_type_ids"))
+                h = self._layers(h, batch["attention_mask"], 0, frozen)
+                for row, i in enumerate(idx):
+                    out[i] = h[row, : int(batch["attention_mask"][row].sum())].clone()
+        return [t for t in out if t is not None]
+
+    def _layers(self, h: torch.Tensor, attention: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        from transformers.masking_utils import create_bidirectional_mask
+
+        mask = create_bidirectional_mask(config=self.model.config, inputs_embeds=h, attention_mask=attention)
+        for layer in self.model.encoder.layer[start:stop]:
+            h = layer(h, mask)
+        return h
+
+    def forward_from(self, states: Sequence[torch.Tensor], frozen: int) -> torch.Tensor:
+        """Unit vectors from :meth:`frozen_states` rows, through the layers above ``frozen``."""
+        length = max(len(s) for s in states)
+        h = self.torch.zeros(len(states), length, states[0].shape[-1], dtype=states[0].dtype)
+        attention = self.torch.zeros(len(states), length, dtype=self.torch.long)
+        for row, s in enumerate(states):
+            h[row, : len(s)] = s
+            attention[row, : len(s)] = 1
+        out = self._layers(h, attention, frozen, len(self.model.encoder.layer))
+        mask = attention.unsqueeze(-1).to(out.dtype)
+        pooled = (out * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return self.torch.nn.functional.normalize(pooled, dim=-1)
+
+    def encode_from(self, states: Sequence[torch.Tensor], frozen: int, batch_size: int = 64) -> npt.NDArray[np.float32]:
+        """:meth:`encode` of the texts whose :meth:`frozen_states` are ``states``."""
+        return self._by_length(
+            [len(s) for s in states], lambda idx: self.forward_from([states[i] for i in idx], frozen), batch_size
+        )
 
 
 def mine_hard_negatives(vectors: npt.NDArray[np.float32], labels: Sequence[str], n: int) -> list[list[int]]:
@@ -202,6 +260,10 @@ def train(rows: Sequence[Example], config: TuneConfig, out_dir: Path, progress: 
     steps_per_epoch = max(1, per_epoch // config.batch_size)
     total = steps_per_epoch * config.epochs
     params = enc.trainable(config.train_layers)
+    frozen = max(0, len(enc.model.encoder.layer) - config.train_layers)
+    progress.say(f"running the {frozen} layers that do not learn over {len(rows)} questions, once")
+    states = enc.frozen_states(texts, frozen)
+    plain = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.01)
     warm = max(1, int(total * config.warmup))
     # linear warm-up, then linear decay to 0
@@ -213,15 +275,15 @@ def train(rows: Sequence[Example], config: TuneConfig, out_dir: Path, progress: 
     t_train = time.perf_counter()
     for epoch in range(config.epochs):
         progress.say(f"epoch {epoch + 1}/{config.epochs}: mining hard negatives among {len(rows)} questions")
-        negatives = mine_hard_negatives(enc.encode(texts), labels, config.hard_negatives)
+        negatives = mine_hard_negatives(enc.encode_from(states, frozen), labels, config.hard_negatives)
         anchors = rng.sample(anchors_all, per_epoch)
         enc.model.train()
         for b in range(steps_per_epoch):
             batch = anchors[b * config.batch_size : (b + 1) * config.batch_size]
             pos = [rng.choice([j for j in groups[labels[i]] if j != i]) for i in batch]
             neg = [rng.choice(negatives[i]) if negatives[i] else rng.randrange(len(rows)) for i in batch]
-            a = enc.forward([texts[i] for i in batch])
-            c = enc.forward([texts[j] for j in pos + neg])
+            a = enc.forward_from([states[i] for i in batch], frozen)
+            c = enc.forward_from([states[j] for j in pos + neg], frozen)
             logits = config.scale * a @ c.T
             cand_labels = [labels[j] for j in pos + neg]
             mask = torch.tensor(
@@ -239,6 +301,9 @@ def train(rows: Sequence[Example], config: TuneConfig, out_dir: Path, progress: 
             if step % 10 == 0 or step == total:
                 recent = sum(losses[-10:]) / len(losses[-10:])
                 progress.say(f"step {step}/{total} loss {recent:.4f}")
+    with torch.no_grad():  # interpolate towards the plain weights (weight-space ensembling, as WiSE-FT)
+        for p, p0 in zip(params, plain, strict=True):
+            p.mul_(config.mix).add_(p0, alpha=1.0 - config.mix)
     train_s = time.perf_counter() - t_train
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in enc.model.state_dict().items() if not k.startswith("pooler.")}

@@ -105,7 +105,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--max-anchors", type=int, default=None, help="anchor questions per epoch (default 4000)")
     t.add_argument("--batch-size", type=int, default=None, help="anchors per step (default 32)")
-    t.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-4)")
+    t.add_argument("--lr", type=float, default=None, help="learning rate (default 2e-4)")
+    t.add_argument(
+        "--mix",
+        type=float,
+        default=None,
+        help="share of the tuning's weight change kept (default 0.5; 1: all of it, best on the tuned domain, "
+        "worse elsewhere)",
+    )
     t.add_argument(
         "--calibration-fraction",
         type=float,
@@ -279,7 +286,7 @@ def run_tune(args: argparse.Namespace) -> int:
         out = tuned_path(args.out)
         if args.limit is not None and args.limit < 1:
             raise CacheError(f"--limit must be at least 1, got {args.limit}")
-        given = {k: getattr(args, k) for k in ("batch_size", "lr", "max_anchors", "calibration_fraction")}
+        given = {k: getattr(args, k) for k in ("batch_size", "lr", "max_anchors", "calibration_fraction", "mix")}
         config = TuneConfig(
             epochs=args.epochs,
             threads=args.threads,

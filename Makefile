@@ -50,7 +50,7 @@ LLAMA_WHEELS     := $(WHEELS)/$(LLAMA_KEY)
 LLAMA_VERSION    := 0.3.36
 NATIVE_SRC       := $(shell find native -name '*.cpp' -o -name '*.h' -o -name CMakeLists.txt 2>/dev/null)
 
-.PHONY: fuzz build-info serve test layout test-bundle bundle shellcheck deps build models lint typecheck stubs bench bench-decode bench-batch bench-prefix bench-serve bench-context bench-early-exit bench-savings bench-cache bench-cache-tune bench-distill bench-adapters bench-http llama-server calibrate-exit clean help
+.PHONY: fuzz soak chaos build-info serve test layout test-bundle bundle shellcheck deps build models lint typecheck stubs bench bench-decode bench-batch bench-prefix bench-serve bench-context bench-early-exit bench-savings bench-cache bench-cache-tune bench-distill bench-adapters bench-http llama-server calibrate-exit clean help
 
 # the llama-cpp-python flavour this host builds: the wheel key and the ggml CMake flags (no build)
 build-info:
@@ -265,6 +265,17 @@ FUZZ_EXAMPLES ?= 100000
 fuzz: build
 	$(PY) native/fuzz/run.py --runs $(FUZZ_RUNS)
 	APPLIANCE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz_inputs.py
+
+# ---------------------------------------------------------------- soak and crash loops (appliance/bench/soak.py, chaos.py)
+# soak: SOAK_MINUTES of mixed traffic at 4x admission capacity with a misbehaving loopback cloud, end checks;
+# chaos: CHAOS_CYCLES kill -9 / restart cycles with durability checks. Reports in build/soak, build/chaos;
+# each exits 1 when a check fails. `make test` runs a short smoke of both (tests/test_soak_smoke.py).
+SOAK_MINUTES ?= 30
+CHAOS_CYCLES ?= 10
+soak: build models
+	$(VENV)/bin/appliance bench soak --minutes $(SOAK_MINUTES) --out build/soak --json
+chaos: build models
+	$(VENV)/bin/appliance bench chaos --cycles $(CHAOS_CYCLES) --out build/chaos --json
 
 clean:
 	rm -rf build $(VENV)

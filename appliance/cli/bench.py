@@ -150,6 +150,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     dd.add_argument("--lr", type=float, default=5e-4)
     dd.add_argument("--rank", type=int, default=16)
     dd.add_argument("--batch-size", type=int, default=8)
+    dd.add_argument("--layers", type=int, default=None, help="LoRA on the top N blocks only (default: every block)")
     dd.add_argument("--seed", type=int, default=0)
     dd.add_argument("--target", type=float, default=0.97, help="precision the confidence rule is calibrated for")
     dd.add_argument("--work", type=Path, default=Path("build/bench-distill"), help="where the split and model go")
@@ -194,13 +195,99 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ct.add_argument("--work", type=Path, default=Path("build/bench-cache-tune"), help="where the tuned GGUFs go")
     ct.add_argument("--reuse", action="store_true", help="reuse tuned GGUFs already in --work")
     ct.add_argument("--tune-fraction", type=float, default=0.6, help="BANKING77 share that tunes (default 0.6)")
-    ct.add_argument("--epochs", type=int, default=1)
-    ct.add_argument("--max-anchors", type=int, default=800, help="anchors per epoch (default 800)")
+    ct.add_argument("--epochs", type=int, default=3, help="passes over the anchors (default 3)")
+    ct.add_argument("--max-anchors", type=int, default=2400, help="anchors per epoch (default 2400)")
+    ct.add_argument("--mix", type=float, default=0.5, help="share of the tuning's weight change kept (default 0.5)")
     ct.add_argument("--entries", type=int, default=100_000, help="entries for the latency check (0: skip it)")
     ct.add_argument("--seed", type=int, default=0)
     ct.add_argument("--threads", type=int, default=2)
     ct.add_argument("--json", action="store_true", help="print only the JSON result on stdout")
     ct.set_defaults(func=_cache_tune)
+
+    so = _reliability(
+        bsub,
+        "soak",
+        "mixed traffic at 4x admission capacity with a misbehaving cloud; checks nothing is lost or left behind",
+        "A real `appliance serve` (semantic cache on, a loopback cloud answering 429s, 500s, stalls, malformed "
+        "bodies and mid-stream disconnects among good answers) under closed-loop traffic from 4x its admission "
+        "capacity: cache hits, local generations, streams, chat sessions, embeddings, client cancels, short "
+        "deadlines, cloud requests. Reports requests by kind and status, p50/p99 latency per kind per time "
+        "window, server RSS over time (rss.csv, soak.png with matplotlib), and end checks (ledger row for every "
+        "acknowledged request, KV pools whole, nothing stuck, bounded RSS growth, clean shutdown, SQLite "
+        "integrity). Exits 1 when a check fails. Progress on stderr.",
+    )
+    so.add_argument("--minutes", type=float, default=30.0, help="traffic duration (default 30)")
+    so.add_argument("--rss-growth-max", type=float, default=0.15, help="RSS growth bound after warm-up (0.15)")
+    so.add_argument("--mix", default="", help="KIND=WEIGHT,... over the default traffic mix, e.g. cloud=0")
+    so.set_defaults(func=_soak)
+    ch = _reliability(
+        bsub,
+        "chaos",
+        "kill -9 loops under load: SQLite integrity, no acknowledged row lost, index verified, time to SERVING",
+        "Cycles of: start `appliance serve` (semantic cache, teacher capture for a tenant, hot-prefix saving), "
+        "drive mixed traffic, SIGKILL it at a moment the cycle aims for (random under load, right after a "
+        "captured cloud answer, during the hot-prefix save, during the cache index save), restart. After each "
+        "restart: every SQLite database passes integrity_check, every acknowledged ledger row, teacher example "
+        "and cache entry is there, saved hnswlib indexes agree with SQLite, the service serves a cached answer, "
+        "and it was SERVING within --serving-bound seconds. Exits 1 when a check fails.",
+    )
+    ch.add_argument("--cycles", type=int, default=10, help="kill/restart cycles (default 10)")
+    ch.add_argument("--load-seconds", type=float, default=8.0, help="longest load before a kill (default 8)")
+    ch.add_argument("--serving-bound", type=float, default=60.0, help="seconds a restart may take to SERVING")
+    ch.set_defaults(func=_chaos)
+
+
+def _reliability(
+    bsub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str, desc: str
+) -> argparse.ArgumentParser:
+    p = bsub.add_parser(name, help=help, description=desc)
+    p.add_argument("--model", "-m", default=None, help="manifest name or .gguf path (default: the default model)")
+    p.add_argument("--threads", type=int, default=1, help="the server's engine threads (default 1)")
+    p.add_argument("--out", type=Path, default=Path(f"build/{name}"), help=f"report and service home (build/{name})")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print only the JSON result on stdout")
+    return p
+
+
+def _soak(a: argparse.Namespace) -> int:
+    from appliance.bench.soak import bench_soak, parse_mix
+
+    def run(model: str) -> dict[str, Any]:
+        if not a.minutes > 0:
+            raise ValueError("--minutes must be > 0")
+        mix = parse_mix(a.mix)
+        return bench_soak(model, a.threads, a.minutes, a.out, seed=a.seed, rss_growth_max=a.rss_growth_max, mix=mix)
+
+    return _checked("soak", a, run)
+
+
+def _chaos(a: argparse.Namespace) -> int:
+    from appliance.bench.chaos import bench_chaos
+
+    def run(model: str) -> dict[str, Any]:
+        if a.cycles < 1 or a.load_seconds < 2:
+            raise ValueError("--cycles must be >= 1 and --load-seconds >= 2")
+        return bench_chaos(
+            model, a.threads, a.cycles, a.out, seed=a.seed, load_s=a.load_seconds, serving_bound_s=a.serving_bound
+        )
+
+    return _checked("chaos", a, run)
+
+
+def _checked(name: str, a: argparse.Namespace, run: Callable[[str], dict[str, Any]]) -> int:
+    """Resolve the model, run, print; exit 1 when one of the run's checks failed, 2 on bad input."""
+    model = _model(a)
+    if model is None:
+        return 2
+    try:
+        if a.threads < 1:
+            raise ValueError("--threads must be >= 1")
+        res = run(model)
+    except (ValueError, FileExistsError) as e:
+        print(f"appliance bench {name}: {e}", file=sys.stderr)
+        return 2
+    _print(res, a.json)
+    return 0 if res["ok"] else 1
 
 
 def _cache_tune(a: argparse.Namespace) -> int:
@@ -210,7 +297,7 @@ def _cache_tune(a: argparse.Namespace) -> int:
 
     root = Path(__file__).resolve().parents[2]
     try:
-        cfg = TuneConfig(epochs=a.epochs, max_anchors=a.max_anchors, threads=a.threads, seed=a.seed)
+        cfg = TuneConfig(epochs=a.epochs, max_anchors=a.max_anchors, mix=a.mix, threads=a.threads, seed=a.seed)
         cfg.validate()
         res = bench_tune(
             a.banking77 or root.parent / "shared" / "data" / "banking77" / "train.csv",
@@ -291,7 +378,14 @@ def _distill(model: str, threads: int, a: argparse.Namespace) -> dict[str, Any]:
 
     csv_path = a.csv or Path(__file__).resolve().parents[2].parent / "shared" / "data" / "banking77" / "train.csv"
     cfg = TrainConfig(
-        epochs=a.epochs, lr=a.lr, rank=a.rank, alpha=2.0 * a.rank, batch_size=a.batch_size, threads=threads, seed=a.seed
+        epochs=a.epochs,
+        lr=a.lr,
+        rank=a.rank,
+        alpha=2.0 * a.rank,
+        batch_size=a.batch_size,
+        threads=threads,
+        seed=a.seed,
+        layers=a.layers,
     )
     return bench_distill(
         model,

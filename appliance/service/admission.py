@@ -1,7 +1,9 @@
 """Bounded admission: at most `max_concurrent` requests run on the local model and at most
 `max_cloud` wait on a cloud answer (two lanes, so slow cloud calls never hold the local engine's
-slots); at most `max_queue` wait in all; the rest are refused at once with RESOURCE_EXHAUSTED and a
-retry hint, so memory stays bounded under overload."""
+slots); a new request is refused at once with RESOURCE_EXHAUSTED and a retry hint when `max_queue`
+already wait, so memory stays bounded under overload. An admitted request that changes lanes (a
+cloud failure answered locally, a cascade escalating) is never refused; it waits for its new lane,
+so at most max_queue + max_concurrent + max_cloud requests wait at once."""
 
 from __future__ import annotations
 

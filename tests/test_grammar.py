@@ -161,7 +161,7 @@ ANSWERS = [" yes", " no", ' say "hi"\n', " maybe so", " back\\slash", " yes inde
 
 
 def _choices(t: Tiny, answers: list[str]) -> tuple[tuple[int, ...], ...]:
-    return answer_choices(lambda a: t.vocab.tokenize(a, add_special=False, parse_special=True), answers)
+    return answer_choices(t.vocab, answers)
 
 
 def test_choices_give_one_answer_exactly_as_greedy_over_the_allowed_tokens(tiny_model: Callable[..., Path]) -> None:

@@ -114,7 +114,7 @@ def answer_all(
     `answers` when given; `progress(done, total)` after each."""
     choices: tuple[tuple[int, ...], ...] = ()
     if answers:
-        choices = answer_choices(lambda t: engine.tokenize(t, add_special=False, parse_special=True), answers)
+        choices = answer_choices(engine, answers)
 
     async def run() -> list[Answer]:
         gate = asyncio.Semaphore(max(1, concurrency))

@@ -16,8 +16,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 from appliance.engine.sampling import MAX_GRAMMAR
 
@@ -69,13 +69,19 @@ def _convert(schema: str, order: tuple[str, ...]) -> str:
     return gbnf
 
 
-def answer_choices(tokenize: Callable[[str], Sequence[int]], answers: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+class Tokenizer(Protocol):
+    """What tokenizes an answer: the native Vocab, or the engine (`AsyncEngine.tokenize`)."""
+
+    def tokenize(self, text: str, *, add_special: bool = ..., parse_special: bool = ...) -> Sequence[int]: ...
+
+
+def answer_choices(tokenizer: Tokenizer, answers: Sequence[str]) -> tuple[tuple[int, ...], ...]:
     """A task's known answers (its labels, each as the model writes it, leading space included) as
-    SamplingOptions.choices: each tokenized by `tokenize` as an answer is after its prompt (no
-    specials added, e.g. `lambda t: engine.tokenize(t, add_special=False, parse_special=True)`, as
-    `distill train` tokenized them). Raises ValueError when there is no non-empty answer."""
+    SamplingOptions.choices: each tokenized as `distill train` tokenized answers after their prompt
+    (no specials added, control tokens written as text read as such). Raises ValueError when there
+    is no non-empty answer."""
     texts = sorted({a for a in answers if a})
     if not texts:
         raise ValueError("no answers to choose from")
-    choices = tuple(tuple(int(t) for t in tokenize(a)) for a in texts)
+    choices = tuple(tuple(int(t) for t in tokenizer.tokenize(a, add_special=False, parse_special=True)) for a in texts)
     return tuple(c for c in choices if c)

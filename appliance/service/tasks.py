@@ -104,7 +104,7 @@ class TaskModels:
             return ()
         if not answers:
             return ()
-        return answer_choices(lambda t: engine.tokenize(t, add_special=False, parse_special=True), answers)
+        return answer_choices(engine, answers)
 
     def loaded(self) -> list[Serving]:
         return list(self._serving.values())

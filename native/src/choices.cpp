@@ -76,15 +76,9 @@ int32_t Choices::mask(float * logits, int32_t n, const int32_t * ids) {
 float Choices::runner_up(const float * logits, int32_t n, int32_t chosen) {
     APPL_REQUIRE(n > 0 && chosen >= 0 && chosen < n, InvalidArgument, "row size or token out of range");
     float best = -INFINITY;
-    if (ended_) return best;
-    for (const auto & [tok, node] : nodes_[static_cast<size_t>(at_)].next) {
+    each_allowed([&](int32_t tok) {
         if (tok != chosen && tok < n) best = std::max(best, logits[tok]);
-    }
-    if (nodes_[static_cast<size_t>(at_)].whole) {
-        for (const int32_t tok : eog_) {
-            if (tok != chosen && tok < n) best = std::max(best, logits[tok]);
-        }
-    }
+    });
     return best;
 }
 
@@ -102,18 +96,12 @@ int32_t Choices::sample(Sampler & sampler, const float * logits, const std::vect
     const int32_t n = sampler.n_vocab();
     row_.assign(static_cast<size_t>(n), -INFINITY);
     int32_t allowed = 0;
-    auto    keep    = [&](int32_t tok) {
+    each_allowed([&](int32_t tok) {
         if (tok < n && logits[tok] != -INFINITY) {
             row_[static_cast<size_t>(tok)] = logits[tok];
             ++allowed;
         }
-    };
-    if (!ended_) {
-        for (const auto & [tok, node] : nodes_[static_cast<size_t>(at_)].next) keep(tok);
-        if (nodes_[static_cast<size_t>(at_)].whole) {
-            for (const int32_t tok : eog_) keep(tok);
-        }
-    }
+    });
     return allowed == 0 ? -1 : sampler.sample(row_.data(), history);
 }
 

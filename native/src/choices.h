@@ -41,6 +41,16 @@ private:
     };
 
     int32_t child(int32_t token) const;  // -1: none
+    // f(token) for every token allowed next: the continuations, and the end-of-generation tokens
+    // where an answer is whole
+    template <typename F> void each_allowed(F && f) const {
+        if (ended_) return;
+        const Node & node = nodes_[static_cast<size_t>(at_)];
+        for (const auto & kid : node.next) f(kid.first);
+        if (node.whole) {
+            for (const int32_t tok : eog_) f(tok);
+        }
+    }
     bool    ends_here(int32_t token) const;  // an end-of-generation token where an answer is whole
 
     std::vector<Node>     nodes_;  // nodes_[0]: the root

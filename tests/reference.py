@@ -15,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 from llama_cpp import _internals
 
+from appliance.bench.batch import llamacpp_context
 from appliance.bench.common import gpu_layers
 
 
@@ -113,4 +114,49 @@ def ref_greedy(llm: llama_cpp.Llama, prompt_tokens: Sequence[int], n: int) -> li
         _clear(llm)
 
 
-__all__ = ["ref_greedy", "ref_load", "ref_logits", "ref_tokenize"]
+def ref_batch_spread(llm: llama_cpp.Llama, prompts: Sequence[Sequence[int]], n_threads: int = 2) -> float:
+    """How far llama.cpp's own logits move when it decodes `prompts` as sequences of one batch
+    rather than one at a time: the largest |difference| over every prompt's last-position logits.
+
+    With quantized weights llama.cpp (like our engine) runs other kernels once a batch holds several
+    output rows (the repacked GEMM against a GEMV, activations quantized in groups of rows), which
+    sum in another order: on the default Q4_K_M model a logit moves by up to about 1, and a greedy
+    token whose top-2 margin is under twice that can differ between a prompt decoded alone and the
+    same prompt in a batch, in llama.cpp itself. A second context on the same weights, made as
+    llama-server makes one, serves the batch.
+    """
+    n = max(sum(len(p) for p in prompts), 64)
+    ctx = llamacpp_context(llm, n, len(prompts), n_threads, n_batch=n)
+    n_vocab = llm.n_vocab()
+
+    def decode(group: Sequence[Sequence[int]]) -> list[npt.NDArray[np.float32]]:
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        total = sum(len(p) for p in group)
+        batch = llama_cpp.llama_batch_init(total, 0, len(group))
+        try:
+            k, last = 0, []
+            for s, p in enumerate(group):
+                for j, t in enumerate(p):
+                    batch.token[k], batch.pos[k], batch.n_seq_id[k] = t, j, 1
+                    batch.seq_id[k][0] = s
+                    batch.logits[k] = j == len(p) - 1
+                    k += 1
+                last.append(k - 1)
+            batch.n_tokens = total
+            rc = llama_cpp.llama_decode(ctx, batch)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode returned {rc}")
+            return [
+                np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), shape=(n_vocab,)).copy() for i in last
+            ]
+        finally:
+            llama_cpp.llama_batch_free(batch)
+
+    try:
+        together = decode(prompts)
+        return max(float(np.abs(decode([p])[0] - t).max()) for p, t in zip(prompts, together, strict=True))
+    finally:
+        llama_cpp.llama_free(ctx)
+
+
+__all__ = ["ref_batch_spread", "ref_greedy", "ref_load", "ref_logits", "ref_tokenize"]

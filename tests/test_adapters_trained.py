@@ -1,7 +1,9 @@
 """A trained adapter, as `appliance distill train` writes it, in our batching engine: its greedy output
 equals llama.cpp running the same base with the same adapter (llama-cpp-python `lora_path`), alone
 and mixed in one batch with other adapters and base-only requests, up to near-ties (a divergence is
-printed with the reference's top-2 margin and must be under test_adapters.NEAR_TIE).
+printed with the reference's top-2 margin and must be under test_adapters.NEAR_TIE; in the mixed
+batch, under twice the logit spread llama.cpp itself shows between these prompts decoded alone and
+as one batch, when that is larger: on the quantized default model its GEMM and GEMV sum differently).
 
 Fast: the tiny Gemma 3 model (F32), trained for a few seconds on test_distill_train's tiny task.
 Slow (`-m slow`, run by `make bench-adapters`): the default model, trained for a minute or two on
@@ -23,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from reference import ref_greedy, ref_load
-from test_adapters import PROMPTS, check_against_ref, run, write_adapter
+from reference import ref_batch_spread, ref_greedy, ref_load
+from test_adapters import NEAR_TIE, PROMPTS, check_against_ref, run, write_adapter
 from tinymodels import tiny_config
 
 from appliance import _native
@@ -88,10 +90,16 @@ def check_trained(
             got = run(engine, [(p, t)], n, tenant=f"alone{k}")[0]
             check_against_ref(refs[t], p, got, want[(k, t)], f"alone, prompt {k}")
             same += got == want[(k, t)]
+        # In one batch, quantized kernels sum in another order than for a lone sequence, in llama.cpp
+        # as in ours: a flip is a near-tie when its margin is under twice the largest logit change
+        # llama.cpp itself shows between decoding these prompts alone and as one batch (0 for F32).
+        spread = ref_batch_spread(refs[0], prompts, n_threads=threads)
+        near_tie = max(NEAR_TIE, 2 * spread)
+        print(f"llama.cpp's own batch-vs-alone logit spread {spread:.3e}: mixed near-tie bound {near_tie:.3e}")
         reqs = [(k, ad) for ad in ids for k in range(len(prompts))]
         mixed = run(engine, [(prompts[k], ad) for k, ad in reqs], n, tenant="mixed")
         for (k, ad), got in zip(reqs, mixed, strict=True):
-            check_against_ref(refs[ad], prompts[k], got, want[(k, ad)], f"mixed, prompt {k} adapter {ad}")
+            check_against_ref(refs[ad], prompts[k], got, want[(k, ad)], f"mixed, prompt {k} adapter {ad}", near_tie)
             same += got == want[(k, ad)]
         print(f"{same} of {len(prompts) + len(reqs)} greedy continuations identical to llama.cpp's")
         assert engine.stats()["n_free_blocks"] == engine.stats()["n_blocks"]

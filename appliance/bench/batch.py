@@ -121,6 +121,25 @@ def llamacpp_batched(model: str, threads: int, c: int, n_prompt: int, n_gen: int
     return {"decode_tps": c * (n_gen - 1) / t_decode, "e2e_tps": c * n_gen / (t_prefill + t_decode)}
 
 
+def llamacpp_context(llm: Any, n_ctx: int, n_seq: int, threads: int, n_batch: int = 512) -> Any:
+    """A fresh llama.cpp context on `llm`'s weights as llama-server makes one: `n_seq` sequences in
+    one unified KV cache, flash attention (llama-cpp-python's contexts hold one sequence). The
+    caller frees it (llama_cpp.llama_free). Raises RuntimeError when llama.cpp cannot make it."""
+    import llama_cpp
+
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = n_ctx
+    params.n_batch = params.n_ubatch = n_batch
+    params.n_seq_max = n_seq
+    params.n_threads = params.n_threads_batch = threads
+    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    params.kv_unified = True
+    ctx = llama_cpp.llama_init_from_model(llm.model, params)
+    if not ctx:
+        raise RuntimeError("llama_init_from_model failed")
+    return ctx
+
+
 def llamacpp_decode(
     llm: Any, prompts: list[list[int]], n_gen: int, threads: int, lora: Any = None
 ) -> tuple[float, float]:
@@ -132,16 +151,7 @@ def llamacpp_decode(
     import llama_cpp
 
     c, n_prompt = len(prompts), len(prompts[0])
-    params = llama_cpp.llama_context_default_params()
-    params.n_ctx = c * (n_prompt + n_gen) + 64
-    params.n_batch = params.n_ubatch = 512
-    params.n_seq_max = c
-    params.n_threads = params.n_threads_batch = threads
-    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-    params.kv_unified = True
-    ctx = llama_cpp.llama_init_from_model(llm.model, params)
-    if not ctx:
-        raise RuntimeError("llama_init_from_model failed")
+    ctx = llamacpp_context(llm, c * (n_prompt + n_gen) + 64, c, threads)
     if lora is not None:
         adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(lora)
         if llama_cpp.llama_set_adapters_lora(ctx, adapters, 1, (ctypes.c_float * 1)(1.0)) != 0:

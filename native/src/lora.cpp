@@ -7,6 +7,7 @@
 
 #include "ggml.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -173,6 +174,12 @@ std::unique_ptr<LoraAdapter> LoraAdapter::load(const Model & base, const std::st
         lw.f16    = p.a->type == GGML_TYPE_F16 && p.b->type == GGML_TYPE_F16;
         lw.a      = to_f32(f, p.a);
         lw.b      = to_f32(f, p.b);
+        // a NaN or inf would poison every token generated under the adapter: refuse it here, by name
+        for (const auto & [values, t] : {std::pair{&lw.a, p.a}, std::pair{&lw.b, p.b}}) {
+            if (!std::all_of(values->begin(), values->end(), [](float v) { return std::isfinite(v); })) {
+                throw ModelFormatError(where + ": tensor '" + ggml_get_name(t) + "' holds a NaN or infinite value");
+            }
+        }
         ad->weights_.push_back(std::move(lw));
     }
 

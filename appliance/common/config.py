@@ -468,6 +468,8 @@ def parse_config(text: str | bytes, source: str = "<config>") -> Config:
         raise ConfigError(f"{source}: {_field_path(e)}") from None
     except msgspec.DecodeError as e:
         raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:  # TOML is UTF-8 text (msgspec decodes bytes before parsing)
+        raise ConfigError(f"{source}: not UTF-8 text (byte {e.start}: {e.reason})") from None
 
 
 def load_config(path: str | Path | None) -> Config:

@@ -134,6 +134,8 @@ def parse_manifest(text: str | bytes, origin: Path | str) -> Manifest:
         raise ManifestError(f"invalid model manifest {origin}: {exc}") from None
     except msgspec.DecodeError as exc:
         raise ManifestError(f"model manifest {origin} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"model manifest {origin} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     _check_unique(manifest, origin)
     return manifest
 

@@ -41,6 +41,19 @@ class Model:
     task: str = ""  # a task name: its task model (distillation) answers, or the cloud until one is promoted
 
 
+def decode_body(data: bytes, type_: type[T]) -> T:
+    """A request body's JSON as `type_`; InvalidArgument names the field, or says what is wrong with
+    the body (empty, not JSON, not UTF-8)."""
+    if not data.strip():
+        raise InvalidArgument("body", "a JSON object is required")
+    try:
+        return msgspec.json.decode(data, type=type_)
+    except msgspec.MsgspecError as e:
+        raise body_error(e) from None
+    except UnicodeDecodeError as e:  # msgspec checks a string's UTF-8 as it decodes it
+        raise InvalidArgument("body", f"not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
 class Edge:
     def __init__(self, service: Service) -> None:
         self.service = service
@@ -88,12 +101,7 @@ class Edge:
                 data += chunk
         if seen > limit:
             raise too_large
-        if not data.strip():
-            raise InvalidArgument("body", "a JSON object is required")
-        try:
-            return msgspec.json.decode(bytes(data), type=type_)
-        except msgspec.MsgspecError as e:
-            raise body_error(e) from None
+        return decode_body(bytes(data), type_)
 
     def models(self, tenant: str) -> list[Model]:
         """The routed id, the local model (local only), the tenant's cloud model (cloud only) when one is
